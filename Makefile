@@ -1,0 +1,40 @@
+# One-command set-up: `make demo` and `make test` create .venv and install everything on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= output/demo
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[install] torch, torchvision and the pure-Python dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install -q 'setuptools<81' wheel
+	$(PY) -m pip install -q 'setuptools<81' torch==2.14.1 torchvision==0.29.1 fvcore iopath pycocotools \
+		tensorboard tqdm matplotlib pyyaml pytest
+	PYTHON=$(PY) bash tools/install_detectron2.sh
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+	@echo "[install] done: $(VENV) is ready"
+
+test: install
+	$(PY) -m pytest tests -q
+
+test-fast: install
+	$(PY) -m pytest tests -q -m "not slow"
+
+demo: install
+	bash tools/demo.sh $(DEMO_DIR)
+
+bench: install
+	$(PY) -m pytest -q bench 2>/dev/null; for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+lint: install
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check --line-length 100 pretrain transfer tools tests bench
+
+clean:
+	rm -rf $(DEMO_DIR)

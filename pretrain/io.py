@@ -1,0 +1,119 @@
+"""Safe checkpoint I/O and the one-sentence error that every CLI prints instead of a traceback."""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import sys
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["UserError", "atomic_save", "load_checkpoint", "load_weights_pickle", "exit_on_user_error"]
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, config key, checkpoint kind).
+
+    The message is one sentence naming the file or key and what to do; CLIs print it without a
+    traceback and exit with status 2 (see :func:`exit_on_user_error`).
+    """
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A crash (even SIGKILL) at any moment leaves either the old file or the complete new one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str, unsafe: bool = False) -> Any:
+    """Load a checkpoint that may come from a stranger.
+
+    Uses ``torch.load(weights_only=True)``, which can only build tensors and plain containers. A file
+    that would need arbitrary code execution to load is refused unless ``unsafe=True`` (the CLIs'
+    ``--unsafe`` flag), which the user should only pass for files they trust.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; check the path.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as e:
+        if unsafe:
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({e}).") from e
+        raise UserError(
+            f"{path}: this file needs code execution to load (or is not a PyTorch checkpoint); "
+            "pass --unsafe only if you trust its author."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first}).") from e
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: what a detectron2 weights .pkl holds."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED or (
+            module == "numpy" and name.endswith("DType")  # numpy>=1.25 pickles dtypes as classes
+        ) or (module.startswith("numpy.dtypes") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_weights_pickle(path: str, unsafe: bool = False) -> Any:
+    """Load a detectron2-style weights ``.pkl`` (dict of numpy arrays) without running code.
+
+    Anything but containers, numbers, strings and numpy arrays is refused unless ``unsafe=True``.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; check the path.")
+    with open(path, "rb") as f:
+        try:
+            if unsafe:
+                return pickle.load(f, encoding="latin1")
+            return _WeightsUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"{path}: not a plain weights pickle ({e}); pass --unsafe only if you trust its author."
+            ) from e
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise UserError(f"{path}: not a readable weights pickle ({type(e).__name__}: {e}).") from e
+
+
+def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for CLI entry points: print a :class:`UserError` as ``error: ...`` and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

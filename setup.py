@@ -1,0 +1,23 @@
+"""SiMo / EqCo pretraining and detectron2 downstream transfer."""
+from setuptools import find_packages, setup
+
+setup(
+    name="eqco-transfer",
+    version="0.1.0",
+    description="SiMo/EqCo self-supervised pretraining, linear eval and detectron2 detection transfer",
+    python_requires=">=3.9",
+    packages=find_packages(include=["pretrain", "pretrain.*", "transfer", "transfer.*"]),
+    # detectron2 is not on PyPI: `make install` (tools/install_detectron2.sh) installs it.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "pycocotools>=2.0.2",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={"dev": ["pytest", "ruff", "black"]},
+)

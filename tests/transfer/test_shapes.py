@@ -1,0 +1,93 @@
+"""The built-in shapes dataset: deterministic, valid COCO, sane boxes and class balance."""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from pycocotools.coco import COCO
+
+from transfer.shapes import CLASSES, make_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("d") / "shapes")
+    make_shapes(out, num_train=120, num_val=30, size=96, seed=3)
+    return out
+
+
+def _all_files(root):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+    )
+
+
+def test_same_seed_same_bytes_other_seed_differs(shapes, tmp_path):
+    again = str(tmp_path / "again")
+    make_shapes(again, num_train=120, num_val=30, size=96, seed=3)
+    files = _all_files(shapes)
+    assert files == _all_files(again)
+    match, mismatch, errors = filecmp.cmpfiles(shapes, again, files, shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == len(files)
+    other = str(tmp_path / "other")
+    make_shapes(other, num_train=120, num_val=30, size=96, seed=4)
+    assert not filecmp.cmp(
+        os.path.join(shapes, "train", "000000.jpg"), os.path.join(other, "train", "000000.jpg"), shallow=False
+    )
+
+
+@pytest.mark.parametrize("split,count", [("train", 120), ("val", 30)])
+def test_coco_json_is_valid_and_boxes_inside(shapes, split, count):
+    coco = COCO(os.path.join(shapes, "annotations", f"instances_{split}.json"))
+    assert len(coco.getImgIds()) == count
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
+    per_image = Counter()
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        img = coco.loadImgs(ann["image_id"])[0]
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0
+        assert x + w <= img["width"] and y + h <= img["height"]
+        assert 0 < ann["area"] <= w * h and ann["iscrowd"] == 0
+        per_image[ann["image_id"]] += 1
+    assert set(per_image) == set(coco.getImgIds())  # every image has at least one object
+    assert max(per_image.values()) <= 4
+    assert os.path.isfile(os.path.join(shapes, split, coco.loadImgs(1)[0]["file_name"]))
+
+
+def test_class_balance_and_imagefolder_labels(shapes):
+    with open(os.path.join(shapes, "annotations", "instances_train.json")) as f:
+        data = json.load(f)
+    objects = Counter(a["category_id"] for a in data["annotations"])
+    assert len(objects) == len(CLASSES)
+    assert min(objects.values()) >= 0.1 * sum(objects.values())
+    # ImageFolder view: every image once, under the class of its largest object
+    largest = {}
+    for a in data["annotations"]:
+        if a["image_id"] not in largest or a["area"] > largest[a["image_id"]]["area"]:
+            largest[a["image_id"]] = a
+    seen = 0
+    for cls in CLASSES:
+        folder = os.path.join(shapes, "imagefolder", "train", cls)
+        names = sorted(os.listdir(folder))
+        assert len(names) >= 0.08 * len(data["images"]), f"class {cls} has only {len(names)} images"
+        for name in names:
+            assert os.path.isfile(os.path.join(folder, name))  # the symlink resolves
+            image_id = int(os.path.splitext(name)[0]) + 1
+            assert CLASSES[largest[image_id]["category_id"] - 1] == cls
+        seen += len(names)
+    assert seen == len(data["images"])
+
+
+def test_cli_refuses_to_overwrite(shapes):
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "make_shapes.py"), "--out", shapes],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "not empty; pass --force" in r.stderr and "Traceback" not in r.stderr

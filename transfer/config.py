@@ -1,0 +1,84 @@
+"""The few config keys the transfer stage adds to detectron2's, and the config set-up of train_det."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+
+from pretrain.io import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def add_transfer_config(cfg: CfgNode) -> None:
+    """Add our keys (with their defaults) to a detectron2 config."""
+    # Extra COCO-format datasets to register, each [name, json_file, image_root]; relative paths are
+    # resolved against $DETECTRON2_DATASETS (default "datasets"), like detectron2's builtin datasets.
+    # "shapes_train" / "shapes_val" (tools/make_shapes.py) are always registered.
+    cfg.DATASETS.REGISTER = []
+    # Evaluate with detectron2's C++ COCO evaluation when its compiled ops load, else pure pycocotools.
+    # The numbers are the same; only the speed differs.
+    cfg.TEST.COCO_FAST_EVAL = True
+
+
+def get_transfer_cfg() -> CfgNode:
+    """detectron2's defaults plus :func:`add_transfer_config`."""
+    cfg = get_cfg()
+    add_transfer_config(cfg)
+    return cfg
+
+
+def load_config(config_file: str, opts: list[str]) -> CfgNode:
+    """Merge ``config_file`` (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides into the defaults.
+
+    Unknown keys, type mismatches and missing files become one-sentence :class:`UserError`s.
+    """
+    cfg = get_transfer_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"{config_file}: config file not found; see configs/ for the shipped ones.")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise UserError(f"{config_file}: {_yacs_message(e)}") from e
+    if len(opts) % 2:
+        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserError(f"command-line override: {_yacs_message(e)}") from e
+    return cfg
+
+
+def _yacs_message(e: Exception) -> str:
+    msg = str(e.args[0] if e.args else e).strip("'\"")
+    if msg.startswith("Non-existent config key"):
+        return msg + "; check the spelling against detectron2's defaults (or transfer/config.py)."
+    return msg
+
+
+def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
+    """Make a GPU config run anywhere, saying what changed.
+
+    * ``MODEL.DEVICE cuda`` without CUDA -> ``cpu``.
+    * ``SyncBN`` is ``nn.SyncBatchNorm``: on one process it is plain BN (nothing to do); across CPU
+      processes (gloo) it raises, so it becomes detectron2's ``naiveSyncBN``, which all-reduces the
+      same statistics with plain collectives.
+    """
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("CUDA is not available: MODEL.DEVICE cuda -> cpu")
+        cfg.MODEL.DEVICE = "cpu"
+    norm_keys = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM")
+    for key in norm_keys:
+        node, leaf = cfg, key.split(".")
+        for part in leaf[:-1]:
+            node = node[part]
+        if node[leaf[-1]] != "SyncBN":
+            continue
+        if world_size == 1:
+            logger.info(f"{key}=SyncBN on a single process: behaves as BatchNorm over the local batch")
+        elif cfg.MODEL.DEVICE == "cpu":
+            logger.info(f"{key}: SyncBN -> naiveSyncBN (nn.SyncBatchNorm needs GPUs; same statistics)")
+            node[leaf[-1]] = "naiveSyncBN"
