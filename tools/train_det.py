@@ -14,6 +14,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import logging  # noqa: E402
 
+import torch  # noqa: E402
+
 from transfer.config import load_config, resolve_device_and_norm  # noqa: E402  (first: quiets d2)
 from transfer.datasets import check_datasets, register_datasets  # noqa: E402
 from transfer.trainer import (  # noqa: E402
@@ -26,7 +28,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from pretrain.io import exit_on_user_error  # noqa: E402
+from pretrain.io import UserError, exit_on_user_error  # noqa: E402
 
 
 def setup(args):
@@ -39,6 +41,7 @@ def setup(args):
     return cfg
 
 
+@exit_on_user_error  # also in each spawned worker process
 def main(args):
     cfg = setup(args)
     Trainer.unsafe_weights = args.unsafe
@@ -75,9 +78,11 @@ def cli(argv=None):
         "--unsafe", action="store_true", help="allow MODEL.WEIGHTS files that need code execution to load"
     )
     args = parser.parse_args(argv)
+    if args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
+        raise UserError(f"--num-gpus {args.num_gpus}: no GPU here; on CPU run detection with --num-gpus 1.")
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
     launch(
-        exit_on_user_error(main),
+        main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

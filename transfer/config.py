@@ -54,8 +54,12 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
 
 def _yacs_message(e: Exception) -> str:
     msg = str(e.args[0] if e.args else e).strip("'\"")
-    if msg.startswith("Non-existent config key"):
-        return msg + "; check the spelling against detectron2's defaults (or transfer/config.py)."
+    if msg.startswith(("Non-existent config key", "Non-existent key")):
+        key = msg.split(":", 1)[1].strip()
+        return (
+            f"unknown config key {key}; check the spelling against detectron2's defaults "
+            "(or transfer/config.py)."
+        )
     return msg
 
 
@@ -63,22 +67,17 @@ def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
     """Make a GPU config run anywhere, saying what changed.
 
     * ``MODEL.DEVICE cuda`` without CUDA -> ``cpu``.
-    * ``SyncBN`` is ``nn.SyncBatchNorm``: on one process it is plain BN (nothing to do); across CPU
-      processes (gloo) it raises, so it becomes detectron2's ``naiveSyncBN``, which all-reduces the
-      same statistics with plain collectives.
+    * ``SyncBN`` (``nn.SyncBatchNorm``) on a single process is plain BatchNorm over the local batch.
+    * Several processes need GPUs: detectron2 wraps the model in DistributedDataParallel with
+      ``device_ids``, which does not accept CPU modules (and ``nn.SyncBatchNorm`` needs CUDA tensors).
     """
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: MODEL.DEVICE cuda -> cpu")
         cfg.MODEL.DEVICE = "cpu"
-    norm_keys = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM")
-    for key in norm_keys:
-        node, leaf = cfg, key.split(".")
-        for part in leaf[:-1]:
-            node = node[part]
-        if node[leaf[-1]] != "SyncBN":
-            continue
-        if world_size == 1:
-            logger.info(f"{key}=SyncBN on a single process: behaves as BatchNorm over the local batch")
-        elif cfg.MODEL.DEVICE == "cpu":
-            logger.info(f"{key}: SyncBN -> naiveSyncBN (nn.SyncBatchNorm needs GPUs; same statistics)")
-            node[leaf[-1]] = "naiveSyncBN"
+    if world_size > 1 and cfg.MODEL.DEVICE == "cpu":
+        raise UserError(
+            "detection training with several processes needs GPUs; on CPU use --num-gpus 1."
+        )
+    norms = (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM)
+    if world_size == 1 and "SyncBN" in norms:
+        logger.info("SyncBN on a single process: behaves as BatchNorm over the local batch")
