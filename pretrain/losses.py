@@ -1,0 +1,292 @@
+"""Contrastive losses as pure functions on similarity tensors (METHODS.md section 2).
+
+Every loss takes
+
+* ``pos``: ``[N]`` cosine similarity of each query with its positive key (s+ = q . k+),
+* ``neg``: ``[N, K]`` cosine similarities of each query with its K negatives (s_i = q . k_i),
+* ``tau``: the temperature,
+
+and returns the scalar mean over the N queries. Inputs may be float32, bfloat16 or float16; the
+arithmetic is done in float32 (float64 if an input is float64) and the result is returned in that
+compute dtype, because a contrastive loss evaluated in half precision loses the small differences
+between logits that carry the signal. All log-sum-exps are the stable ``torch.logsumexp``.
+
+The helpers at the bottom build ``(pos, neg)`` from embeddings for the three layouts the methods
+use: negatives shared by all queries (``[K, d]``, e.g. a queue), per-query negatives (``[N, K, d]``)
+and "other keys of the same batch" (SiMo, section 3), where K negatives are sampled without
+replacement and never include the query's own key.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+
+from pretrain.io import UserError
+
+__all__ = [
+    "infonce",
+    "eqco",
+    "dcl",
+    "dclw",
+    "dual_temperature",
+    "LOSSES",
+    "get_loss",
+    "pairwise_logits",
+    "sample_batch_negatives",
+    "batch_logits",
+]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # float64 stays float64 (gradcheck, exact equivalence tests); everything else runs in float32.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare(pos: torch.Tensor, neg: torch.Tensor, tau: float):
+    if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0]:
+        raise ValueError(
+            f"expected pos of shape [N] and neg of shape [N, K], got {tuple(pos.shape)} and "
+            f"{tuple(neg.shape)}"
+        )
+    if neg.shape[1] < 1:
+        raise ValueError("neg must hold at least one negative per query (K >= 1)")
+    if not tau > 0:
+        raise ValueError(f"the temperature tau must be > 0, got {tau}")
+    dtype = _compute_dtype(pos, neg)
+    return pos.to(dtype), neg.to(dtype)
+
+
+def _cross_entropy_first(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row ``-log softmax(logits)[:, 0]`` = logsumexp(row) - row[0] (stable)."""
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def infonce(pos: torch.Tensor, neg: torch.Tensor, tau: float, margin: float = 0.0) -> torch.Tensor:
+    """InfoNCE with an additive margin on the positive (EqCo eq. 1)::
+
+        L = -log( e^{(s+ - m)/tau} / ( e^{(s+ - m)/tau} + sum_{i=1..K} e^{s_i/tau} ) )
+
+    ``margin=0`` is the plain InfoNCE / CPC loss, for which I(q; k) >= log(K + 1) - L.
+    """
+    pos, neg = _prepare(pos, neg, tau)
+    logits = torch.cat([((pos - margin) / tau).unsqueeze(1), neg / tau], dim=1)
+    return _cross_entropy_first(logits).mean()
+
+
+def eqco(pos: torch.Tensor, neg: torch.Tensor, tau: float, alpha: float) -> torch.Tensor:
+    """EqCo rule 1 (EqCo eq. 1 with m = tau * log(alpha / K), K = ``neg.shape[1]``)::
+
+        L = -log( e^{s+/tau} / ( e^{s+/tau} + (alpha / K) * sum_{i=1..K} e^{s_i/tau} ) )
+
+    Implemented as a ``log(alpha / K)`` shift of every negative logit rather than a margin on the
+    positive: the two are algebraically identical (divide numerator and denominator by
+    e^{-m/tau}), but the shift never pushes the positive logit towards under/overflow.
+    ``alpha = K`` gives plain InfoNCE. The bound becomes I(q; k) >= log(alpha) - L, and the
+    gradient norm no longer depends on K (EqCo Theorem 2).
+    """
+    pos, neg = _prepare(pos, neg, tau)
+    if not alpha > 0:
+        raise ValueError(f"EqCo's alpha must be > 0, got {alpha}")
+    shift = math.log(alpha) - math.log(neg.shape[1])
+    logits = torch.cat([(pos / tau).unsqueeze(1), neg / tau + shift], dim=1)
+    return _cross_entropy_first(logits).mean()
+
+
+def dcl(pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
+    """Decoupled contrastive loss (Yeh et al., "Decoupled Contrastive Learning"; METHODS.md
+    section 2): the positive leaves the denominator::
+
+        L = -s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
+
+    The SimCLR form is symmetric over the two views: call it once per view and average.
+    """
+    pos, neg = _prepare(pos, neg, tau)
+    return (torch.logsumexp(neg / tau, dim=1) - pos / tau).mean()
+
+
+def dclw(pos: torch.Tensor, neg: torch.Tensor, tau: float, sigma: float = 0.5) -> torch.Tensor:
+    """Weighted DCL, DCLW (Yeh et al.; METHODS.md section 2)::
+
+        w = 2 - N * softmax_over_batch(s+ / sigma)     (detached, sums to N over the batch)
+        L = -w * s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
+
+    Harder positives (lower s+) get a larger weight. N is the number of queries passed in.
+    """
+    pos, neg = _prepare(pos, neg, tau)
+    if not sigma > 0:
+        raise ValueError(f"DCLW's sigma must be > 0, got {sigma}")
+    weight = (2.0 - pos.shape[0] * torch.softmax(pos / sigma, dim=0)).detach()
+    return (torch.logsumexp(neg / tau, dim=1) - weight * pos / tau).mean()
+
+
+def dual_temperature(pos: torch.Tensor, neg: torch.Tensor, tau: float, beta: float) -> torch.Tensor:
+    """Dual-temperature InfoNCE (Zhang et al., SimMoCo / SimCo; METHODS.md section 2)::
+
+        l = -log softmax(logits / tau)[pos]
+        w = (1 - softmax(logits / (tau * beta))[pos]) / (1 - softmax(logits / tau)[pos])  (detached)
+        L = mean(w * l)
+
+    ``tau`` is the intra-anchor temperature, ``tau * beta`` the inter-anchor one (beta = 10 in the
+    paper); ``beta = 1`` gives w = 1, i.e. plain InfoNCE. ``1 - softmax(.)[pos]`` is the softmax
+    mass of the negatives, computed in log space as logsumexp(neg) - logsumexp(all), so w stays
+    finite even when the positive takes all the mass.
+    """
+    pos, neg = _prepare(pos, neg, tau)
+    if not beta > 0:
+        raise ValueError(f"the dual-temperature ratio beta must be > 0, got {beta}")
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / tau
+    lse = torch.logsumexp(logits, dim=1)
+    nll = lse - logits[:, 0]
+    log_neg_mass_intra = torch.logsumexp(logits[:, 1:], dim=1) - lse
+    inter = logits / beta
+    log_neg_mass_inter = torch.logsumexp(inter[:, 1:], dim=1) - torch.logsumexp(inter, dim=1)
+    weight = torch.exp(log_neg_mass_inter - log_neg_mass_intra).detach()
+    return (weight * nll).mean()
+
+
+LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
+    "infonce": infonce,
+    "eqco": eqco,
+    "dcl": dcl,
+    "dclw": dclw,
+    "dual_temperature": dual_temperature,
+}
+"""Name -> loss function, for configs (``LOSS.NAME: eqco``). All share ``(pos, neg, tau, ...)``;
+the extra keyword is ``margin`` (infonce), ``alpha`` (eqco), ``sigma`` (dclw), ``beta``
+(dual_temperature)."""
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor]:
+    """Look a loss up in :data:`LOSSES`; an unknown name is a :class:`UserError` naming the valid
+    ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        valid = ", ".join(sorted(LOSSES))
+        raise UserError(f"unknown loss {name!r}; choose one of {valid}.") from None
+
+
+def pairwise_logits(
+    q: torch.Tensor, k_pos: torch.Tensor, negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities ``(pos [N], neg [N, K])`` of queries with their positives and negatives.
+
+    ``q`` and ``k_pos`` are ``[N, d]``, L2-normalised by the caller (the losses expect cosine
+    similarities). ``negatives`` is ``[K, d]`` (one set shared by all queries, e.g. a queue) or
+    ``[N, K, d]`` (a set per query). The products run in float32 (float64 for float64 inputs) with
+    autocast disabled, so a bf16/fp16 model still gets full-precision logits.
+    """
+    if q.dim() != 2 or k_pos.shape != q.shape:
+        raise ValueError(
+            f"expected q and k_pos of the same shape [N, d], got {tuple(q.shape)} and "
+            f"{tuple(k_pos.shape)}"
+        )
+    dtype = _compute_dtype(q, k_pos, negatives)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.to(dtype)
+        pos = (q * k_pos.to(dtype)).sum(dim=1)
+        negatives = negatives.to(dtype)
+        if negatives.dim() == 2 and negatives.shape[1] == q.shape[1]:
+            neg = q @ negatives.t()
+        elif negatives.dim() == 3 and negatives.shape[0] == q.shape[0] and (
+            negatives.shape[2] == q.shape[1]
+        ):
+            neg = torch.bmm(negatives, q.unsqueeze(2)).squeeze(2)
+        else:
+            raise ValueError(
+                f"negatives must be [K, d] or [N, K, d] with N={q.shape[0]}, d={q.shape[1]}; "
+                f"got {tuple(negatives.shape)}"
+            )
+    return pos, neg
+
+
+def sample_batch_negatives(
+    num_keys: int,
+    num_negatives: int,
+    own_index: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    shared: bool = True,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Indices ``[N, K]`` of K negative keys per query, drawn from a batch of ``num_keys`` keys.
+
+    ``own_index[n]`` is the position of query n's own (positive) key among the keys; by default
+    ``arange(num_keys)`` (one query per key, in order). For every query the K indices are distinct,
+    never equal to its own key, and form a uniformly random K-subset of the other keys:
+
+    * ``shared=False``: an independent draw per query (top-K of uniform noise over the M - 1 other
+      keys).
+    * ``shared=True`` (one sample set for the whole batch, as SiMo allows): draw K + 1 distinct
+      keys once; each query uses the first K, except that a query whose own key is among them
+      uses the (K+1)-th in its place. By exchangeability each query still gets a uniform K-subset
+      of its other keys, and all queries share at least K - 1 negatives.
+
+    ``generator`` makes the draw reproducible; the draw happens on the generator's device (else
+    ``device``) and the result is moved to ``device`` (default: that of ``own_index``, else CPU).
+    """
+    if device is None:
+        device = own_index.device if own_index is not None else torch.device("cpu")
+    device = torch.device(device)
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    if num_negatives > num_keys - 1:
+        raise UserError(
+            f"{num_negatives} negatives per query need at least {num_negatives + 1} keys in the "
+            f"(global) batch, got {num_keys}; lower the number of negatives or raise the batch "
+            "size."
+        )
+    sample_device = generator.device if generator is not None else device
+    if own_index is None:
+        own = torch.arange(num_keys, device=sample_device)
+    else:
+        if own_index.dim() != 1:
+            raise ValueError(f"own_index must be a 1-D index tensor, got {tuple(own_index.shape)}")
+        own = own_index.to(device=sample_device, dtype=torch.long)
+    if shared:
+        perm = torch.randperm(num_keys, generator=generator, device=sample_device)
+        first = perm[:num_negatives].unsqueeze(0).expand(own.shape[0], -1)
+        idx = torch.where(first == own.unsqueeze(1), perm[num_negatives], first)
+    else:
+        noise = torch.rand(own.shape[0], num_keys - 1, generator=generator, device=sample_device)
+        pick = noise.topk(num_negatives, dim=1).indices
+        # map positions in "all keys but mine" back to key indices by skipping the own key
+        idx = pick + (pick >= own.unsqueeze(1)).long()
+    return idx.to(device)
+
+
+def batch_logits(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    num_negatives: int,
+    own_index: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    shared: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos [N], neg [N, K])`` for the "other keys of the same batch" layout (SiMo).
+
+    ``q`` is ``[N, d]``, ``keys`` the ``[M, d]`` (possibly all-gathered) keys; query n's positive
+    is ``keys[own_index[n]]`` (default: ``keys[n]``). Negatives come from
+    :func:`sample_batch_negatives`. All N x M similarities are computed with one matmul and the
+    K per query gathered from them; this costs N*M*d, negligible next to the encoder, and gives
+    the same values as gathering the key vectors first.
+    """
+    if q.dim() != 2 or keys.dim() != 2 or keys.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"expected q [N, d] and keys [M, d], got {tuple(q.shape)} and {tuple(keys.shape)}"
+        )
+    if own_index is None:
+        if q.shape[0] > keys.shape[0]:
+            raise ValueError("without own_index, query n's positive is keys[n]: need N <= M")
+        own_index = torch.arange(q.shape[0], device=q.device)
+    own_index = own_index.to(device=q.device, dtype=torch.long)
+    idx = sample_batch_negatives(
+        keys.shape[0], num_negatives, own_index, generator=generator, shared=shared, device=q.device
+    )
+    dtype = _compute_dtype(q, keys)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        sims = q.to(dtype) @ keys.to(dtype).t()
+    pos = sims.gather(1, own_index.unsqueeze(1)).squeeze(1)
+    return pos, sims.gather(1, idx)
+
