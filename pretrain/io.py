@@ -59,9 +59,9 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
             f"{path}: this file needs code execution to load (or is not a PyTorch checkpoint); "
             "pass --unsafe only if you trust its author."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first}).") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # torch's messages for non-checkpoints are long or cryptic ("KeyError: 101"): keep the sentence
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (is it the right file?).") from e
 
 
 class _WeightsUnpickler(pickle.Unpickler):
@@ -75,6 +75,8 @@ class _WeightsUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:

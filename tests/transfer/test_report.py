@@ -1,0 +1,263 @@
+"""tools/report.py / transfer.report: run dirs -> table, CSV and plots, without inventing values."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from pretrain.io import UserError
+from transfer.report import PAPER_ROWS, find_runs, make_report, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HEADER = (
+    "| name | method | loss | K | alpha | epochs | top-1 | AP | AP50 | AP75 | APs | APm | APl |"
+)
+
+SIMO_META = {
+    "kind": "pretrain",
+    "name": "simo_k16",
+    "method": "simo",
+    "arch": "resnet50",
+    "loss": "eqco",
+    "tau": 0.2,
+    "alpha": 256.0,
+    "num_negatives": 16,
+    "epochs": 200.0,
+}
+
+
+def _run(root, rel: str, results: dict, metrics: list[dict] | None = None, mtime=None) -> str:
+    d = root / rel
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(results))
+    if metrics is not None:
+        (d / "metrics.json").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if mtime is not None:
+        os.utime(d / "results.json", (mtime, mtime))
+    return str(d)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Pretraining, linear-eval and detection OUTPUT_DIRs of two pre-trainings + a random init."""
+    root = tmp_path / "output"
+    simo_pre = {**SIMO_META, "iterations": 1000, "final_loss": 5.25}
+    pre_metrics = [
+        {"iteration": i, "total_loss": 9.0 - i / 200, "lr": 0.03, "[metric]epoch": i / 5}
+        for i in range(19, 1000, 20)
+    ]
+    _run(root, "pretrain/simo_k16", simo_pre, pre_metrics)
+    moco_pre = {
+        "kind": "pretrain",
+        "name": "mocov2_q65536",
+        "method": "mocov2",
+        "loss": "infonce",
+        "tau": 0.2,
+        "alpha": None,
+        "num_negatives": 65536,
+        "epochs": 200.0,
+        "iterations": 1000,
+        "final_loss": 6.5,
+    }
+    _run(
+        root,
+        "pretrain/mocov2",
+        moco_pre,
+        [{"iteration": 9, "loss": 8.0}, {"iteration": 19, "loss": 7.5}],
+    )
+    lincls = {
+        "kind": "lincls",
+        "name": "simo_k16",
+        "top1": 68.1,
+        "top5": 88.4,
+        "weights": "output/pretrain/simo_k16/model_final.pth",
+        "pretrain": SIMO_META,
+    }
+    _run(root, "lincls/simo_k16", lincls)
+    det_metrics = [
+        {"iteration": 19, "total_loss": 2.0, "loss_cls": 0.9, "lr": 0.02},
+        {"iteration": 39, "total_loss": 1.5, "loss_cls": 0.7, "lr": 0.02},
+        {"iteration": 39, "bbox/AP": 12.0, "bbox/AP50": 30.0},
+        {"iteration": 59, "total_loss": 1.2, "loss_cls": 0.5, "lr": 0.02, "bbox/AP": 39.0123},
+    ]
+    prov = {**SIMO_META, "source": "/x/model_final.pth", "sha256": "ab" * 32, "top1": 68.1}
+    prov.pop("kind")
+    det = {
+        "kind": "detection",
+        "name": "simo_k16",
+        "weights": "output/simo_k16.pkl",
+        "pretrain": prov,
+        "iteration": 60,
+        "bbox": {"AP": 39.0123, "AP50": 59.16, "AP75": 42.3, "APs": None, "APm": 41.8, "APl": 50.5},
+    }
+    _run(root, "det/simo_k16", det, det_metrics)
+    rand = {
+        "kind": "detection",
+        "name": "random init",
+        "weights": "",
+        "pretrain": {"name": "random init"},
+        "iteration": 60,
+        "bbox": {"AP": 25.44, "AP50": 41.0, "AP75": 26.05, "APs": 9.9, "APm": 27.3, "APl": 35.0},
+    }
+    _run(root, "det/random", rand, [{"iteration": 19, "total_loss": 3.0}])
+    return root
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("| ") and ln != HEADER]
+    return {
+        cells[0]: cells for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)
+    }
+
+
+def test_report_table_csv_and_plots(runs, tmp_path):
+    out = tmp_path / "report"
+    report = make_report([str(runs)], str(out))
+
+    assert report.markdown.splitlines()[0] == HEADER
+    rows = _rows(report.markdown)
+    assert list(rows) == ["mocov2_q65536", "simo_k16", "random init"]
+    assert rows["simo_k16"] == [
+        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1",
+        "39.0", "59.2", "42.3", "-", "41.8", "50.5",
+    ]  # fmt: skip
+    # a pre-training that was never transferred: no AP, no top-1, and alpha not made up
+    assert rows["mocov2_q65536"] == [
+        "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-", "-", "-", "-"
+    ]  # fmt: skip
+    assert rows["random init"] == [
+        "random init", "-", "-", "-", "-", "-", "-", "25.4", "41.0", "26.1", "9.9", "27.3", "35.0"
+    ]  # fmt: skip
+
+    md = (out / "report.md").read_text()
+    assert report.markdown in md and "[paper]" not in md
+    with open(out / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    simo = next(r for r in table if r["name"] == "simo_k16")
+    assert float(simo["AP"]) == 39.0123 and simo["APs"] == "-" and float(simo["top-1"]) == 68.1
+    assert simo["detection_dir"] == str(runs / "det" / "simo_k16")
+    assert simo["lincls_dir"] == str(runs / "lincls" / "simo_k16")
+    assert len(table) == 3 and all(r["source"] == "this work" for r in table)
+
+    for png in ("ap_bars.png", "pretrain_loss.png", "detection_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"![{png}]({png})" in md
+
+
+def test_paper_rows_are_marked(runs, tmp_path):
+    report = make_report([str(runs)], str(tmp_path / "r"), paper=True)
+    rows = _rows(report.markdown)
+    assert rows["SiMo [paper]"] == [
+        "SiMo [paper]", "simo", "-", "-", "-", "-", "-",
+        "39.0", "59.2", "42.3", "22.9", "41.8", "50.5",
+    ]  # fmt: skip
+    assert rows["supervised IN [paper]"][7:] == ["39.0", "59.1", "42.6", "22.4", "42.2", "50.6"]
+    assert len(rows) == 3 + len(PAPER_ROWS)
+    with open(tmp_path / "r" / "report.csv", newline="") as f:
+        sources = [r["source"] for r in csv.DictReader(f)]
+    assert sources == ["this work"] * 3 + ["paper"] * 4
+    assert "reference rows from the EqCo paper" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_run_dirs_given_one_by_one(runs, tmp_path):
+    dirs = [str(runs / "det" / "simo_k16"), str(runs / "lincls" / "simo_k16")]
+    report = make_report(dirs, str(tmp_path / "r"))
+    rows = _rows(report.markdown)
+    assert list(rows) == ["simo_k16"]
+    assert rows["simo_k16"][6:8] == ["68.1", "39.0"]
+    # no pretraining run given: no loss curve, and the report says so instead of drawing nothing
+    assert not (tmp_path / "r" / "pretrain_loss.png").exists()
+    assert any("no pretraining loss curves" in n for n in report.notes)
+
+
+def test_provenance_read_from_converted_weights(tmp_path):
+    pkl = tmp_path / "w.pkl"
+    prov = {"name": "simclr_dcl", "method": "simclr", "loss": "dcl", "alpha": None,
+            "num_negatives": 510, "epochs": 100.0, "top1": 55.5}  # fmt: skip
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": np.zeros(3)}, "__author__": "x",
+                     "matching_heuristics": True, "provenance": prov}, f)  # fmt: skip
+    det = {"kind": "detection", "name": "simclr_dcl", "weights": str(pkl), "pretrain": {},
+           "iteration": 5, "bbox": {"AP": 1.25}}  # fmt: skip
+    _run(tmp_path, "det", det)
+    rows = _rows(make_report([str(tmp_path / "det")], str(tmp_path / "r")).markdown)
+    assert rows["simclr_dcl"] == [
+        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "1.2", "-", "-", "-", "-", "-"
+    ]  # fmt: skip
+
+
+def test_duplicates_and_disagreements_are_reported(runs, tmp_path):
+    # a second detection run of the same pre-training: its own row, labelled by its directory
+    det2 = json.loads((runs / "det" / "simo_k16" / "results.json").read_text())
+    det2["bbox"] = {"AP": 38.5}
+    det2["pretrain"]["top1"] = 60.0
+    _run(runs, "det/simo_k16_seed1", det2)
+    # an older linear eval of the same pre-training: the newest one is used, and the report says so
+    old = {"kind": "lincls", "name": "simo_k16", "top1": 50.0, "pretrain": SIMO_META}
+    _run(runs, "lincls/simo_k16_old", old, mtime=time.time() - 3600)
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    rows = _rows(report.markdown)
+    assert rows["simo_k16 (simo_k16)"][6:8] == ["68.1", "39.0"]
+    assert rows["simo_k16 (simo_k16_seed1)"][6:8] == ["68.1", "38.5"]
+    notes = " ".join(report.notes)
+    assert "2 lincls results" in notes and "simo_k16_old" in notes
+    assert "top-1 68.1" in notes and "60.0 in the converted weights" in notes
+
+
+def test_read_metrics_resume_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(
+        '{"iteration": 9, "total_loss": 3.0}\n'
+        '{"iteration": 19, "total_loss": 2.0}\n'
+        '{"iteration": 19, "total_loss": 2.5, "bbox/AP": NaN}\n'  # resumed: written again
+        '{"iteration": 29, "total_lo'  # killed mid-write
+    )
+    series = read_metrics(str(path))
+    assert series["total_loss"] == [(9, 3.0), (19, 2.5)]
+    assert len(series["bbox/AP"]) == 1 and np.isnan(series["bbox/AP"][0][1])
+
+
+def test_bad_inputs_are_one_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: no results.json in it or below"):
+        find_runs([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="no such directory"):
+        find_runs([str(tmp_path / "nope")])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"bad/results.json: not readable JSON"):
+        find_runs([str(bad)])
+    (bad / "results.json").write_text(json.dumps({"kind": "eval", "name": "x"}))
+    with pytest.raises(UserError, match="kind 'eval' is none of pretrain, lincls, detection"):
+        find_runs([str(bad)])
+
+
+def _cli_main():
+    spec = importlib.util.spec_from_file_location(
+        "report_cli", os.path.join(REPO, "tools/report.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli(runs, tmp_path, capsys):
+    _cli_main()([str(runs), "--out", str(tmp_path / "r"), "--paper"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == HEADER
+    assert "| SiMo [paper] |" in out and "report.csv" in out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        _cli_main()([str(tmp_path / "empty")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no results.json" in err[0]
