@@ -8,9 +8,10 @@
 import os
 import sys
 
-# `python tools/X.py` puts tools/ first on sys.path, where tools/pretrain.py would shadow the `pretrain`
-# package: put the repository root there instead (which also lets the tools run without installing).
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python tools/X.py` puts tools/ first on sys.path, where tools/pretrain.py would shadow the
+# `pretrain` package: drop that entry (the package is installed / on the path).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
 import logging  # noqa: E402
 
