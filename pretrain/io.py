@@ -50,6 +50,15 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; check the path.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle); anything else is not a
+    # checkpoint, and torch's unpickler fails on it with misleading errors.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+            "pass the .pth/.pth.tar written by pretraining, MoCo or torchvision."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as e:
