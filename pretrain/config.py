@@ -1,0 +1,336 @@
+"""The pretraining config: one detectron2-style ``CfgNode`` with a comment on every key.
+
+``get_pretrain_cfg()`` returns the defaults (= the paper's SiMo recipe, METHODS.md section 3);
+``load_pretrain_cfg(file, opts)`` merges a YAML file (with its ``_BASE_`` chain) and ``KEY VALUE``
+overrides and validates the result, turning every mistake into a one-sentence :class:`UserError`
+before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from detectron2.config import CfgNode as _D2CfgNode
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+from pretrain.io import UserError
+from pretrain.losses import LOSSES
+
+__all__ = [
+    "PretrainCfgNode",
+    "METHODS",
+    "ARCHS",
+    "add_pretrain_config",
+    "get_pretrain_cfg",
+    "load_pretrain_cfg",
+    "validate_pretrain_cfg",
+    "effective_lr",
+    "REFERENCE_BATCH",
+]
+
+METHODS = ("simo", "mocov2", "simclr", "simmoco", "simco")
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+NORMS = ("SyncBN", "BN")
+AMP_PRECISIONS = ("bfloat16", "float16")
+# EqCo rule 2: the learning rate is SOLVER.BASE_LR at this many queries per batch, linear in N.
+REFERENCE_BATCH = 256
+
+
+class PretrainCfgNode(_D2CfgNode):
+    """detectron2's ``CfgNode`` (so ``default_setup`` dumps it to ``config.yaml``) with fvcore's
+    safe YAML loading and no detectron2 config versioning (our keys are not detectron2's)."""
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        _FvCfgNode.merge_from_file(self, cfg_filename, allow_unsafe=allow_unsafe)
+
+    def merge_from_other_cfg(self, cfg_other: "PretrainCfgNode") -> None:
+        _ints_to_floats(self, cfg_other)
+        super().merge_from_other_cfg(cfg_other)
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        # yacs refuses an int for a float key ("LOSS.ALPHA 65536"); accept it as the float it means
+        decoded = list(cfg_list)
+        for i in range(0, len(decoded) - 1, 2):
+            value = self._decode_cfg_value(decoded[i + 1])
+            if _is_int(value) and isinstance(self._lookup(decoded[i]), float):
+                value = float(value)
+            decoded[i + 1] = value
+        super().merge_from_list(decoded)
+
+    def _lookup(self, full_key: str):
+        node = self
+        for part in str(full_key).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints_to_floats(defaults: dict, other: dict) -> None:
+    """In place: ints in ``other`` become floats where ``defaults`` holds a float."""
+    for key, value in other.items():
+        target = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict) and isinstance(target, dict):
+            _ints_to_floats(target, value)
+        elif _is_int(value) and isinstance(target, float):
+            other[key] = float(value)
+
+
+def add_pretrain_config(cfg: PretrainCfgNode) -> None:
+    """Add every pretraining key with its default (the SiMo R50 200-epoch recipe)."""
+    cfg.MODEL = PretrainCfgNode()
+    # simo | mocov2 | simclr | simmoco | simco (see pretrain/methods.py)
+    cfg.MODEL.METHOD = "simo"
+    # torchvision ResNet: resnet18/34/50/101/152, wide_resnet50_2, wide_resnet101_2
+    cfg.MODEL.ARCH = "resnet50"
+    # output dimension of the projection head (the contrastive embedding)
+    cfg.MODEL.DIM = 128
+    # hidden width of the 2-layer MLP head (2048 in SiMo / MoCo v2)
+    cfg.MODEL.MLP_HIDDEN = 2048
+    # BN after each fc of the head: fc-BN-ReLU-fc-BN (SiMo, SimCLR); False = fc-ReLU-fc (MoCo v2)
+    cfg.MODEL.MLP_BN = True
+    # EMA momentum m of the key encoder: theta_k <- m theta_k + (1 - m) theta_q (MoCo eq. 2).
+    # 0 makes the key encoder a copy of the query encoder (no gradient). Unused by simclr / simco.
+    cfg.MODEL.MOMENTUM = 0.999
+    # SyncBN: batch statistics over the global batch (nn.SyncBatchNorm on GPUs, detectron2's
+    # NaiveSyncBatchNorm on CPU/gloo, plain BN in a single process). BN: per-process statistics.
+    cfg.MODEL.NORM = "SyncBN"
+    # MoCo's shuffling BN for the key encoder (only meaningful with NORM BN and > 1 process)
+    cfg.MODEL.SHUFFLE_BN = False
+    # zero-init the last BN gamma of every residual block (each block starts as identity)
+    cfg.MODEL.ZERO_INIT_RESIDUAL = False
+    # NHWC memory format (faster convolutions with AMP on recent GPUs)
+    cfg.MODEL.CHANNELS_LAST = False
+    # wrap the encoders in torch.compile (GPU speed; first iterations are slow while compiling)
+    cfg.MODEL.COMPILE = False
+
+    cfg.LOSS = PretrainCfgNode()
+    # a key of pretrain.losses.LOSSES: eqco | infonce | dcl | dclw | dual_temperature
+    cfg.LOSS.NAME = "eqco"
+    # temperature tau of the logits s/tau
+    cfg.LOSS.TAU = 0.2
+    # EqCo alpha (rule 1): negatives' logits shifted by log(alpha / K); alpha = K is InfoNCE
+    cfg.LOSS.ALPHA = 256.0
+    # SiMo: K negatives per query sampled from the other keys of the global batch
+    cfg.LOSS.NUM_NEGATIVES = 16
+    # SiMo: one negative set for the whole batch (True) or an independent draw per query (False)
+    cfg.LOSS.SHARED_NEGATIVES = False
+    # MoCo v2: length of the queue of negative keys (a multiple of SOLVER.IMS_PER_BATCH)
+    cfg.LOSS.QUEUE_SIZE = 65536
+    # additive margin m of InfoNCE (EqCo eq. 1), used by LOSS.NAME infonce
+    cfg.LOSS.MARGIN = 0.0
+    # DCLW weighting temperature sigma, used by LOSS.NAME dclw
+    cfg.LOSS.SIGMA = 0.5
+    # dual temperature ratio beta = tau_beta / tau_alpha, used by LOSS.NAME dual_temperature
+    cfg.LOSS.BETA = 10.0
+    # also compute the loss with the two views swapped and average (simclr/simmoco/simco do)
+    cfg.LOSS.SYMMETRIC = False
+
+    cfg.SOLVER = PretrainCfgNode()
+    # global batch N (queries per step over all processes)
+    cfg.SOLVER.IMS_PER_BATCH = 256
+    # learning rate at N = 256; the run uses BASE_LR * N / 256 (EqCo rule 2, logged at start)
+    cfg.SOLVER.BASE_LR = 0.03
+    # length of the run in epochs of DATASETS.TRAIN_SPLIT (ignored if MAX_ITER > 0)
+    cfg.SOLVER.EPOCHS = 200
+    # length of the run in iterations; > 0 overrides EPOCHS
+    cfg.SOLVER.MAX_ITER = 0
+    # linear warm-up length in epochs (from WARMUP_FACTOR * lr to lr), then cosine decay
+    cfg.SOLVER.WARMUP_EPOCHS = 5.0
+    # learning-rate multiplier at the first warm-up iteration
+    cfg.SOLVER.WARMUP_FACTOR = 0.001
+    # cosine decay ends at lr * COSINE_END (0 in MoCo v2 / SiMo)
+    cfg.SOLVER.COSINE_END = 0.0
+    # SGD weight decay (applied to all parameters, as in MoCo)
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    # SGD momentum
+    cfg.SOLVER.MOMENTUM = 0.9
+    # save model_{iter:07d}.pth every this many iterations (and model_final.pth at the end)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 5000
+    # keep only the newest this many periodic checkpoints (0 = keep all)
+    cfg.SOLVER.MAX_TO_KEEP = 0
+    cfg.SOLVER.AMP = PretrainCfgNode()
+    # mixed precision (CUDA only; ignored with a warning on CPU)
+    cfg.SOLVER.AMP.ENABLED = False
+    # bfloat16 (no loss scaling needed) | float16 (with a GradScaler, saved in checkpoints)
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+
+    cfg.INPUT = PretrainCfgNode()
+    # crop size of the two augmented views (224 for ImageNet)
+    cfg.INPUT.SIZE = 224
+    # RandomResizedCrop scale range (MoCo v2: 0.2 - 1.0)
+    cfg.INPUT.MIN_SCALE = 0.2
+    cfg.INPUT.MAX_SCALE = 1.0
+
+    cfg.DATASETS = PretrainCfgNode()
+    # ImageFolder root holding <TRAIN_SPLIT>/<class>/*.jpg and <VAL_SPLIT>/<class>/*.jpg
+    cfg.DATASETS.ROOT = "datasets/imagenet"
+    cfg.DATASETS.TRAIN_SPLIT = "train"
+    # held-out split for the kNN monitor (TEST.KNN_PERIOD > 0)
+    cfg.DATASETS.VAL_SPLIT = "val"
+
+    cfg.DATALOADER = PretrainCfgNode()
+    # worker processes per training process (0 = load in the main process)
+    cfg.DATALOADER.NUM_WORKERS = 8
+    # page-locked host memory for faster host->GPU copies (only used with CUDA)
+    cfg.DATALOADER.PIN_MEMORY = True
+    # keep workers alive between epochs (saves their start-up at every epoch)
+    cfg.DATALOADER.PERSISTENT_WORKERS = True
+    # batches prefetched per worker
+    cfg.DATALOADER.PREFETCH_FACTOR = 2
+
+    cfg.TEST = PretrainCfgNode()
+    # run the weighted kNN monitor on DATASETS.VAL_SPLIT every this many iterations (0 = never)
+    cfg.TEST.KNN_PERIOD = 0
+    # neighbours and temperature of the weighted kNN classifier (Wu et al. 2018)
+    cfg.TEST.KNN_K = 200
+    cfg.TEST.KNN_T = 0.1
+
+    # where config.yaml, log.txt, metrics.json, events, checkpoints and results.json go
+    cfg.OUTPUT_DIR = "output/pretrain/simo_r50_200ep"
+    # identifies this pre-training in later stages (meta.name); "" = basename of OUTPUT_DIR
+    cfg.NAME = ""
+    # base seed (rank r seeds with SEED + r); < 0 picks a random one (no exact resume then)
+    cfg.SEED = 0
+    # print a progress line (loss, ETA, images/s) every this many iterations
+    cfg.LOG_PERIOD = 20
+    # cudnn.benchmark (read by detectron2's default_setup)
+    cfg.CUDNN_BENCHMARK = True
+
+
+def get_pretrain_cfg() -> PretrainCfgNode:
+    """A fresh config holding the defaults."""
+    cfg = PretrainCfgNode()
+    add_pretrain_config(cfg)
+    return cfg
+
+
+def effective_lr(cfg: PretrainCfgNode) -> float:
+    """EqCo rule 2: ``BASE_LR * IMS_PER_BATCH / 256`` (scaled with the queries N, never with K)."""
+    return cfg.SOLVER.BASE_LR * cfg.SOLVER.IMS_PER_BATCH / REFERENCE_BATCH
+
+
+def _yacs_message(e: Exception) -> str:
+    msg = str(e.args[0] if e.args else e).strip("'\"")
+    if msg.startswith("Non-existent"):
+        return msg + "; check the spelling against pretrain/config.py."
+    return msg
+
+
+def load_pretrain_cfg(
+    config_file: str, opts: Optional[List[str]] = None, check_paths: bool = True
+) -> PretrainCfgNode:
+    """Defaults <- ``config_file`` (with ``_BASE_``) <- ``KEY VALUE`` overrides, then validated.
+
+    Unknown keys, wrong types, odd override lists and invalid values raise :class:`UserError`.
+    """
+    cfg = get_pretrain_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"{config_file}: config file not found; see configs/pretrain/.")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise UserError(f"{config_file}: {_yacs_message(e)}") from e
+        except Exception as e:  # yaml syntax errors
+            raise UserError(f"{config_file}: not a valid YAML config ({e}).") from e
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"command-line override: {_yacs_message(e)}") from e
+    validate_pretrain_cfg(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
+    """Reject values that cannot work, each with one sentence naming the key."""
+    m, loss, solver = cfg.MODEL, cfg.LOSS, cfg.SOLVER
+    _need(m.METHOD in METHODS, f"MODEL.METHOD {m.METHOD!r} is unknown; choose one of {METHODS}.")
+    _need(m.ARCH in ARCHS, f"MODEL.ARCH {m.ARCH!r} is unknown; choose one of {ARCHS}.")
+    _need(m.NORM in NORMS, f"MODEL.NORM {m.NORM!r} is unknown; choose one of {NORMS}.")
+    _need(m.DIM > 0 and m.MLP_HIDDEN > 0, "MODEL.DIM and MODEL.MLP_HIDDEN must be positive.")
+    _need(0.0 <= m.MOMENTUM < 1.0, f"MODEL.MOMENTUM must be in [0, 1), got {m.MOMENTUM}.")
+    _need(
+        loss.NAME in LOSSES,
+        f"LOSS.NAME {loss.NAME!r} is unknown; choose one of {tuple(sorted(LOSSES))}.",
+    )
+    _need(loss.TAU > 0, f"LOSS.TAU must be > 0, got {loss.TAU}.")
+    if loss.NAME == "eqco":
+        _need(loss.ALPHA > 0, f"LOSS.ALPHA must be > 0 for the EqCo loss, got {loss.ALPHA}.")
+    if loss.NAME == "dclw":
+        _need(loss.SIGMA > 0, f"LOSS.SIGMA must be > 0, got {loss.SIGMA}.")
+    if loss.NAME == "dual_temperature":
+        _need(loss.BETA > 0, f"LOSS.BETA must be > 0, got {loss.BETA}.")
+    n = solver.IMS_PER_BATCH
+    _need(n >= 2, f"SOLVER.IMS_PER_BATCH must be at least 2, got {n}.")
+    if m.METHOD == "simo":
+        _need(
+            loss.NUM_NEGATIVES >= 1, f"LOSS.NUM_NEGATIVES must be >= 1, got {loss.NUM_NEGATIVES}."
+        )
+        _need(
+            loss.NUM_NEGATIVES <= n - 1,
+            f"LOSS.NUM_NEGATIVES={loss.NUM_NEGATIVES} is larger than the {n - 1} other images of a "
+            f"batch of SOLVER.IMS_PER_BATCH={n}; lower K or raise the batch size.",
+        )
+    if m.METHOD == "mocov2":
+        _need(
+            loss.QUEUE_SIZE > 0 and loss.QUEUE_SIZE % n == 0,
+            f"LOSS.QUEUE_SIZE={loss.QUEUE_SIZE} must be a positive multiple of "
+            f"SOLVER.IMS_PER_BATCH={n}.",
+        )
+    _need(solver.BASE_LR > 0, f"SOLVER.BASE_LR must be > 0, got {solver.BASE_LR}.")
+    _need(
+        solver.MAX_ITER > 0 or solver.EPOCHS > 0,
+        "set SOLVER.EPOCHS or SOLVER.MAX_ITER to a positive value.",
+    )
+    _need(solver.WARMUP_EPOCHS >= 0, "SOLVER.WARMUP_EPOCHS must be >= 0.")
+    _need(solver.CHECKPOINT_PERIOD > 0, "SOLVER.CHECKPOINT_PERIOD must be > 0 iterations.")
+    _need(
+        solver.AMP.PRECISION in AMP_PRECISIONS,
+        f"SOLVER.AMP.PRECISION {solver.AMP.PRECISION!r} is unknown; "
+        f"choose one of {AMP_PRECISIONS}.",
+    )
+    _need(cfg.INPUT.SIZE >= 8, f"INPUT.SIZE must be at least 8 pixels, got {cfg.INPUT.SIZE}.")
+    _need(
+        0 < cfg.INPUT.MIN_SCALE <= cfg.INPUT.MAX_SCALE <= 1,
+        "INPUT.MIN_SCALE and INPUT.MAX_SCALE must satisfy 0 < MIN_SCALE <= MAX_SCALE <= 1.",
+    )
+    _need(cfg.DATALOADER.NUM_WORKERS >= 0, "DATALOADER.NUM_WORKERS must be >= 0.")
+    _need(cfg.LOG_PERIOD > 0, "LOG_PERIOD must be > 0.")
+    _need(cfg.TEST.KNN_PERIOD >= 0 and cfg.TEST.KNN_K > 0, "TEST.KNN_PERIOD / KNN_K are invalid.")
+    _need(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR must not be empty.")
+    if check_paths:
+        train = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT)
+        _need(
+            os.path.isdir(train),
+            f"DATASETS.ROOT/TRAIN_SPLIT {train} is not a folder; point DATASETS.ROOT at an "
+            "ImageFolder root (e.g. datasets/shapes/imagefolder, made by tools/make_shapes.py).",
+        )
+        if cfg.TEST.KNN_PERIOD > 0:
+            val = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT)
+            _need(
+                os.path.isdir(val),
+                f"DATASETS.ROOT/VAL_SPLIT {val} is not a folder; it is needed by the kNN monitor "
+                "(set TEST.KNN_PERIOD 0 to disable it).",
+            )

@@ -1,0 +1,323 @@
+"""The contrastive methods, one short class each: SiMo (default), MoCo v2, SimCLR, SimMoCo, SimCo.
+
+Each is an ``nn.Module`` whose ``forward(im_q, im_k)`` returns ``{"loss": scalar}`` for this
+process's share of the global batch; with DDP averaging the gradients over processes, the update
+equals that of one process holding the whole global batch (tested in test_distributed.py).
+Losses come from :mod:`pretrain.losses` by name (``LOSS.NAME``), so any method can be combined with
+any loss; the defaults of each method are those of its paper (configs/pretrain/*.yaml).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.utils import comm
+from fvcore.nn.distributed import differentiable_all_gather
+from torch import nn
+
+from pretrain.losses import get_loss, pairwise_logits, sample_batch_negatives
+from pretrain.models import build_encoder, convert_to_sync_bn
+
+__all__ = [
+    "concat_all_gather",
+    "concat_all_gather_with_grad",
+    "in_batch_logits",
+    "ContrastiveMethod",
+    "SiMo",
+    "MoCoV2",
+    "SimCLR",
+    "SimMoCo",
+    "SimCo",
+    "METHOD_CLASSES",
+    "build_method",
+    "build_loss_fn",
+]
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` of every process in rank order (no gradient; keys of the global batch)."""
+    if comm.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(comm.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def concat_all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Like :func:`concat_all_gather` but differentiable: the backward all-reduces the gradient, so
+    every process receives the gradient of the whole global loss w.r.t. its own rows."""
+    if comm.get_world_size() == 1:
+        return x
+    return torch.cat(differentiable_all_gather(x.contiguous()))
+
+
+def in_batch_logits(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    pos_index: torch.Tensor,
+    exclude: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(pos [n], neg [n, M - 1 (- 1)])`` using every other key of the batch as a negative.
+
+    Query ``i``'s positive is ``keys[pos_index[i]]``; every other key is a negative except
+    ``keys[exclude[i]]`` (the query itself in SimCLR's 2N layout). Computed in float32 with
+    autocast off (float64 inputs stay float64), like :func:`pretrain.losses.pairwise_logits`.
+    """
+    n, m = q.shape[0], keys.shape[0]
+    dtype = torch.float64 if torch.float64 in (q.dtype, keys.dtype) else torch.float32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        sims = q.to(dtype) @ keys.to(dtype).t()
+    rows = torch.arange(n, device=q.device)
+    pos = sims[rows, pos_index]
+    keep = torch.ones(n, m, dtype=torch.bool, device=q.device)
+    keep[rows, pos_index] = False
+    if exclude is not None:
+        keep[rows, exclude] = False
+    return pos, sims[keep].view(n, -1)
+
+
+class ContrastiveMethod(nn.Module):
+    """Query encoder ``encoder_q`` (+ optional momentum key encoder ``encoder_k``) and a loss.
+
+    Args:
+        encoder_q: ResNet with the projection head as ``fc``
+            (:func:`pretrain.models.build_encoder`).
+        loss_fn: ``(pos [N], neg [N, K], tau) -> scalar`` (extra loss arguments already bound).
+        tau: temperature.
+        momentum: EMA momentum of the key encoder, or ``None`` for no key encoder.
+        symmetric: also use (key view as query, query view as key) and average the two losses.
+        seed: seed of the generator that draws negatives / shuffles; identical on every process,
+            so all processes draw the same global sample (its state is checkpointed).
+    """
+
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        tau: float,
+        momentum: Optional[float] = None,
+        symmetric: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.encoder_q = encoder_q
+        self.loss_fn = loss_fn
+        self.tau = tau
+        self.momentum = momentum
+        self.symmetric = symmetric
+        if momentum is not None:
+            self.encoder_k = copy.deepcopy(encoder_q)
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q (MoCo eq. 2); BN buffers stay the key's."""
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
+            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1.0 - self.momentum)
+
+    def embed_q(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder_q(x), dim=1)
+
+    @torch.no_grad()
+    def embed_k(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder_k(x), dim=1)
+
+    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Loss of queries ``q`` (local, with grad) against keys ``k`` (local) of the other view."""
+        raise NotImplementedError
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.momentum is not None:
+            with torch.no_grad():
+                self.momentum_update()
+        q1 = self.embed_q(im_q)
+        k2 = self.embed_k(im_k)
+        loss = self.pair_loss(q1, k2)
+        if self.symmetric:
+            loss = 0.5 * (loss + self.pair_loss(self.embed_q(im_k), self.embed_k(im_q)))
+        return {"loss": loss}
+
+
+class SiMo(ContrastiveMethod):
+    """SiMo (EqCo paper, section 3): MoCo v2 without the memory bank.
+
+    The positive and K negatives of every query are keys of the current global batch (gathered
+    from all processes); the negatives never include the query's own key. EqCo's alpha keeps the
+    loss calibrated for small K. Loss on the query side only unless ``symmetric``.
+    """
+
+    def __init__(self, *args, num_negatives: int = 16, shared_negatives: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_negatives = num_negatives
+        self.shared_negatives = shared_negatives
+
+    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_all = concat_all_gather(k)
+        n = q.shape[0]
+        # draw for the whole global batch (same generator state everywhere), keep this rank's rows:
+        # identical negatives to a single process holding the global batch
+        idx = sample_batch_negatives(
+            k_all.shape[0],
+            self.num_negatives,
+            generator=self.generator,
+            shared=self.shared_negatives,
+        )
+        idx = idx[comm.get_rank() * n : (comm.get_rank() + 1) * n].to(q.device)
+        pos, neg = pairwise_logits(q, k, k_all[idx])
+        return self.loss_fn(pos, neg, self.tau)
+
+
+class MoCoV2(ContrastiveMethod):
+    """MoCo v2 (Chen et al. 2020): negatives from a FIFO queue of past keys; shuffling BN."""
+
+    def __init__(
+        self, *args, dim: int = 128, queue_size: int = 65536, shuffle_bn: bool = True, **kw
+    ):
+        super().__init__(*args, **kw)
+        self.shuffle_bn = shuffle_bn
+        g = torch.Generator().manual_seed(int(self.generator.initial_seed()) + 1)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def embed_k(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.shuffle_bn and comm.get_world_size() > 1):
+            return super().embed_k(x)
+        # shuffling BN: keys are computed on a random permutation of the global batch, so the BN
+        # statistics of a process do not come from the same images as its queries'
+        n, rank = x.shape[0], comm.get_rank()
+        x_all = concat_all_gather(x)
+        perm = torch.randperm(x_all.shape[0], generator=self.generator).to(x.device)
+        k_perm = concat_all_gather(super().embed_k(x_all[perm[rank * n : (rank + 1) * n]]))
+        k_all = torch.empty_like(k_perm)
+        k_all[perm] = k_perm
+        return k_all[rank * n : (rank + 1) * n]
+
+    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        pos, neg = pairwise_logits(q, k, self.queue.clone().detach())
+        self._enqueue(k)
+        return self.loss_fn(pos, neg, self.tau)
+
+    @torch.no_grad()
+    def _enqueue(self, k: torch.Tensor) -> None:
+        keys = concat_all_gather(k)
+        ptr = int(self.queue_ptr)
+        self.queue[ptr : ptr + keys.shape[0]] = keys  # QUEUE_SIZE % batch == 0 (validated)
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
+
+
+class SimCLR(ContrastiveMethod):
+    """SimCLR-style symmetric in-batch method (one encoder, no momentum): each of the 2N views is
+    an anchor whose positive is the other view of its image and whose 2N - 2 negatives are all
+    other views of the global batch. With ``LOSS.NAME dcl`` / ``dclw`` this is DCL / DCLW."""
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        z = torch.cat([self.embed_q(im_q), self.embed_q(im_k)])  # [2n, d]: view 1, then view 2
+        n, rank = im_q.shape[0], comm.get_rank()
+        z_all = concat_all_gather_with_grad(z)  # [W * 2n], rank blocks of (view 1, view 2)
+        # global column of every local anchor and of its positive (the other view of its image)
+        local = torch.arange(2 * n, device=z.device)
+        self_col = rank * 2 * n + local
+        pos_col = rank * 2 * n + (local + n) % (2 * n)
+        pos, neg = in_batch_logits(z, z_all, pos_col, exclude=self_col)
+        return {"loss": self.loss_fn(pos, neg, self.tau)}
+
+
+class SimMoCo(ContrastiveMethod):
+    """SimMoCo (Zhang et al. 2022): momentum encoder (m = 0.99), no queue; each query's negatives
+    are the N - 1 other keys of the global batch; dual-temperature loss; symmetric."""
+
+    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_all = concat_all_gather(k)
+        own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+        pos, neg = in_batch_logits(q, k_all, own)
+        return self.loss_fn(pos, neg, self.tau)
+
+
+class SimCo(SimMoCo):
+    """SimCo (Zhang et al. 2022): SimMoCo without the momentum encoder; the keys come from the same
+    encoder and carry gradients (gathered differentiably)."""
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        z1, z2 = self.embed_q(im_q), self.embed_q(im_k)
+        loss = self.pair_loss(z1, z2)
+        if self.symmetric:
+            loss = 0.5 * (loss + self.pair_loss(z2, z1))
+        return {"loss": loss}
+
+    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_all = concat_all_gather_with_grad(k)
+        own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+        pos, neg = in_batch_logits(q, k_all, own)
+        return self.loss_fn(pos, neg, self.tau)
+
+
+METHOD_CLASSES = {
+    "simo": SiMo,
+    "mocov2": MoCoV2,
+    "simclr": SimCLR,
+    "simmoco": SimMoCo,
+    "simco": SimCo,
+}
+
+
+def build_loss_fn(cfg) -> Callable[..., torch.Tensor]:
+    """``LOSS.NAME`` with its extra argument bound from the config (alpha, margin, sigma, beta)."""
+    name = cfg.LOSS.NAME
+    extra = {
+        "eqco": {"alpha": cfg.LOSS.ALPHA},
+        "infonce": {"margin": cfg.LOSS.MARGIN},
+        "dclw": {"sigma": cfg.LOSS.SIGMA},
+        "dual_temperature": {"beta": cfg.LOSS.BETA},
+    }.get(name, {})
+    return functools.partial(get_loss(name), **extra)
+
+
+def build_method(cfg, device: torch.device) -> ContrastiveMethod:
+    """The method of ``cfg.MODEL.METHOD`` on ``device``, with SyncBN when ``MODEL.NORM SyncBN`` and
+    more than one process. Initialisation depends only on the current torch seed."""
+    m = cfg.MODEL
+    encoder = build_encoder(m.ARCH, m.DIM, m.MLP_HIDDEN, m.MLP_BN, m.ZERO_INIT_RESIDUAL)
+    if m.NORM == "SyncBN" and comm.get_world_size() > 1:
+        encoder = convert_to_sync_bn(encoder, device.type)
+    # the negatives generator must be seeded identically on every process
+    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    common = dict(
+        loss_fn=build_loss_fn(cfg), tau=cfg.LOSS.TAU, symmetric=cfg.LOSS.SYMMETRIC, seed=seed
+    )
+    method = m.METHOD
+    if method == "simo":
+        model = SiMo(
+            encoder,
+            momentum=m.MOMENTUM,
+            num_negatives=cfg.LOSS.NUM_NEGATIVES,
+            shared_negatives=cfg.LOSS.SHARED_NEGATIVES,
+            **common,
+        )
+    elif method == "mocov2":
+        model = MoCoV2(
+            encoder,
+            momentum=m.MOMENTUM,
+            dim=m.DIM,
+            queue_size=cfg.LOSS.QUEUE_SIZE,
+            shuffle_bn=m.SHUFFLE_BN,
+            **common,
+        )
+    elif method == "simclr":
+        model = SimCLR(encoder, momentum=None, **common)
+    elif method == "simmoco":
+        model = SimMoCo(encoder, momentum=m.MOMENTUM, **common)
+    else:
+        model = SimCo(encoder, momentum=None, **common)
+    model = model.to(device)
+    if m.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,285 @@
+"""pretrain.engine: short runs on the shapes dataset, checkpoints, exact resume after a kill
+mid-save, NaN stop, lr scaling, config errors, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.utils.env import seed_all_rng
+
+import pretrain.engine as engine
+from pretrain.config import get_pretrain_cfg, load_pretrain_cfg
+from pretrain.engine import Pretrainer, build_lr_multiplier
+from pretrain.io import UserError, load_checkpoint
+from transfer.shapes import make_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 cores shared with other jobs: oversubscribed OpenMP threads crawl
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    make_shapes(str(out), num_train=48, num_val=16, size=32, seed=0)
+    return str(out / "imagefolder")
+
+
+def _cfg(root, out, **over):
+    cfg = get_pretrain_cfg()
+    opts = {
+        "MODEL.ARCH": "resnet18",
+        "MODEL.DIM": 16,
+        "MODEL.MLP_HIDDEN": 32,
+        "MODEL.MOMENTUM": 0.99,
+        "INPUT.SIZE": 16,
+        "DATASETS.ROOT": root,
+        "SOLVER.IMS_PER_BATCH": 8,
+        "SOLVER.BASE_LR": 0.48,
+        "SOLVER.WARMUP_EPOCHS": 0.0,
+        "LOSS.NUM_NEGATIVES": 4,
+        "DATALOADER.NUM_WORKERS": 0,
+        "CUDNN_BENCHMARK": False,
+        "LOG_PERIOD": 1,
+        "OUTPUT_DIR": str(out),
+    }
+    opts.update(over)
+    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    return cfg
+
+
+def _run(cfg, resume=False):
+    seed_all_rng(cfg.SEED)  # what default_setup does on rank 0
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    trainer = Pretrainer(cfg).resume_or_load(resume=resume)
+    return trainer, trainer.train()
+
+
+def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path):
+    cfg = _cfg(shapes, tmp_path / "run", **{"SOLVER.MAX_ITER": 30, "SOLVER.CHECKPOINT_PERIOD": 15})
+    trainer, results = _run(cfg)
+    losses = [v for v, _ in trainer.trainer.storage.history("total_loss").values()]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.2, (first, last)
+    out = tmp_path / "run"
+    for name in ["metrics.json", "model_0000014.pth", "model_final.pth", "results.json"]:
+        assert (out / name).is_file(), name
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results
+    assert results["kind"] == "pretrain" and results["name"] == "run"
+    assert results["method"] == "simo" and results["loss"] == "eqco" and results["alpha"] == 256.0
+    assert results["num_negatives"] == 4 and results["iterations"] == 30
+    assert results["epochs"] == pytest.approx(30 / (48 // 8))
+    assert results["final_loss"] == pytest.approx(float(np.median(losses[-20:])))
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert metrics[-1]["iteration"] == 29 and "[metric]images_per_s" in metrics[-1]
+    # lr follows EqCo rule 2 (0.48 x 8 / 256) times the cosine multiplier
+    sched = build_lr_multiplier(30, 0)
+    for m in metrics[:5]:
+        assert m["lr"] == pytest.approx(0.48 * 8 / 256 * sched(m["iteration"] / 30), rel=1e-6)
+
+    ckpt = load_checkpoint(str(out / "model_final.pth"))  # weights_only
+    meta = ckpt["meta"]
+    assert meta == {
+        "kind": "pretrain",
+        "name": "run",
+        "method": "simo",
+        "arch": "resnet18",
+        "loss": "eqco",
+        "tau": 0.2,
+        "alpha": 256.0,
+        "num_negatives": 4,
+        "epochs": 5.0,
+        "iteration": 30,
+        "ims_per_batch": 8,
+    }
+    keys = ckpt["model"].keys()
+    assert "encoder_q.conv1.weight" in keys and "encoder_q.fc.0.weight" in keys
+    assert "encoder_k.layer4.1.bn2.running_var" in keys
+    assert {"optimizer", "scheduler", "loader", "rng", "iteration", "grad_scaler"} <= set(ckpt)
+    assert ckpt["iteration"] == 29 and ckpt["scheduler"]["last_epoch"] == 30
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no cleanup of the temp file."""
+
+
+def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch):
+    over = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2}
+    _run(_cfg(shapes, tmp_path / "straight", **over))
+    straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
+
+    calls = []
+    real_save = engine.atomic_save
+
+    def dying_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # the checkpoint after iteration 4: die with half a temp file written
+            tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
+            with open(tmp, "wb") as f:
+                f.write(b"\x80\x02half a checkpoint")
+            raise _Killed()
+        real_save(obj, path)
+
+    killed_dir = tmp_path / "killed"
+    monkeypatch.setattr(engine, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        _run(_cfg(shapes, killed_dir, **over))
+    monkeypatch.setattr(engine, "atomic_save", real_save)
+    assert (killed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (killed_dir / "model_0000003.pth").exists()
+
+    torch.manual_seed(12345)  # a fresh process would not share the RNG state either
+    trainer, results = _run(_cfg(shapes, killed_dir, **over), resume=True)
+    assert trainer.start_iter == 2 and results["iterations"] == 4
+    resumed = load_checkpoint(str(killed_dir / "model_final.pth"))
+    assert resumed["model"].keys() == straight["model"].keys()
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for s_ref, s_got in zip(
+        straight["optimizer"]["state"].values(),
+        resumed["optimizer"]["state"].values(),
+        strict=True,
+    ):
+        assert torch.equal(s_ref["momentum_buffer"], s_got["momentum_buffer"])
+    assert resumed["loader"] == straight["loader"] == {"epoch": 0, "batch": 4}
+    assert torch.equal(
+        resumed["rng"]["per_rank"][0]["generators"]["model"],
+        straight["rng"]["per_rank"][0]["generators"]["model"],
+    )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
+    cfg = _cfg(
+        shapes,
+        tmp_path / "nan",
+        **{"SOLVER.MAX_ITER": 20, "SOLVER.CHECKPOINT_PERIOD": 1, "SOLVER.BASE_LR": 1e30},
+    )
+    with pytest.raises(UserError, match=r"non-finite at iteration (\d+)") as info:
+        _run(cfg)
+    stopped = int(info.value.args[0].split("iteration ")[1].split(";")[0])
+    assert 0 < stopped < 20
+    out = tmp_path / "nan"
+    last = (out / "last_checkpoint").read_text()
+    assert last == f"model_{stopped - 1:07d}.pth" and last in str(info.value)
+    assert load_checkpoint(str(out / last))["meta"]["iteration"] == stopped
+    assert (
+        not (out / f"model_{stopped:07d}.pth").exists() and not (out / "model_final.pth").exists()
+    )
+
+
+def test_lr_scaling_and_schedule():
+    cfg = get_pretrain_cfg()
+    from pretrain.config import effective_lr
+
+    for n in (64, 256, 4096):
+        cfg.SOLVER.IMS_PER_BATCH = n
+        assert effective_lr(cfg) == pytest.approx(0.03 * n / 256)
+    cfg.LOSS.NUM_NEGATIVES = 1  # K does not enter the lr (rule 2 scales with N only)
+    assert effective_lr(cfg) == pytest.approx(0.03 * 4096 / 256)
+    sched = build_lr_multiplier(max_iter=100, warmup_iters=10, warmup_factor=0.001)
+    assert sched(0.0) == pytest.approx(0.001 * 1.0)
+    assert sched(0.1) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.1 * torch.pi))).item())
+    assert sched(0.99) < 0.001
+
+
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        (["MODEL.DEPTH", "50"], "Non-existent key: MODEL.DEPTH; check the spelling"),
+        (["SOLVER.IMS_PER_BATCH", "'many'"], "Type mismatch"),
+        (["LOSS.NUM_NEGATIVES", "300"], "LOSS.NUM_NEGATIVES=300 is larger than the 255"),
+        (["LOSS.ALPHA", "0"], "LOSS.ALPHA must be > 0"),
+        (["LOSS.ALPHA", "-3.0"], "LOSS.ALPHA must be > 0"),
+        (["DATASETS.ROOT", "/nonexistent/imagenet"], "/nonexistent/imagenet/train is not a folder"),
+        (["MODEL.METHOD", "byol"], "MODEL.METHOD 'byol' is unknown"),
+        (["LOSS.QUEUE_SIZE", "1000", "MODEL.METHOD", "mocov2"], "must be a positive multiple"),
+        (["SOLVER.IMS_PER_BATCH"], "KEY VALUE pairs"),
+    ],
+)
+def test_bad_config_is_one_clear_user_error(opts, message, shapes):
+    base = ["DATASETS.ROOT", shapes] if "DATASETS.ROOT" not in opts else []
+    with pytest.raises(UserError) as info:
+        load_pretrain_cfg("", base + opts)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_shipped_config_loads():
+    folder = os.path.join(ROOT, "configs", "pretrain")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml"))
+    assert "simo_r50_200ep.yaml" in names and "simo_shapes_cpu.yaml" in names
+    for name in names:
+        cfg = load_pretrain_cfg(os.path.join(folder, name), check_paths=False)
+        assert cfg.MODEL.METHOD in ("simo", "mocov2", "simclr", "simmoco", "simco"), name
+    paper = load_pretrain_cfg(os.path.join(folder, "simo_r50_200ep.yaml"), check_paths=False)
+    assert (paper.SOLVER.IMS_PER_BATCH, paper.LOSS.NUM_NEGATIVES, paper.LOSS.ALPHA) == (
+        256,
+        16,
+        256,
+    )
+    assert (paper.SOLVER.BASE_LR, paper.SOLVER.EPOCHS, paper.LOSS.TAU) == (0.03, 200, 0.2)
+    alpha = load_pretrain_cfg(
+        os.path.join(folder, "simo_r50_200ep_alpha65536.yaml"), check_paths=False
+    )
+    assert alpha.LOSS.ALPHA == 65536.0 and alpha.MODEL.METHOD == "simo"
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "pretrain.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_cli_bad_key_exits_with_one_sentence(tmp_path):
+    proc = _cli("--config-file", "configs/pretrain/simo_shapes_cpu.yaml", "LOSS.ALPHAA", "3")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: command-line override: Non-existent key: LOSS.ALPHAA; check the spelling "
+        "against pretrain/config.py."
+    ]
+
+
+@pytest.mark.slow
+def test_cli_two_cpu_processes_and_resume(shapes, tmp_path):
+    """The real CLI: 2 gloo processes (detectron2 launch picks gloo without CUDA, SyncBN becomes
+    NaiveSyncBatchNorm), then --resume continues to a longer schedule."""
+    common = [
+        "MODEL.ARCH", "resnet18", "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
+        "DATASETS.ROOT", shapes, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
+        "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "ddp"),
+        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_EPOCHS", "0",
+    ]  # fmt: skip
+    proc = _cli("--num-gpus", "2", "--dist-url", "auto", *common, "SOLVER.MAX_ITER", "2")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    first = load_checkpoint(str(tmp_path / "ddp" / "model_final.pth"))
+    assert first["meta"]["iteration"] == 2 and len(first["rng"]["per_rank"]) == 2
+    proc = _cli(
+        "--num-gpus", "2", "--dist-url", "auto", "--resume", *common, "SOLVER.MAX_ITER", "3"
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert load_pretrain_cfg(str(tmp_path / "ddp" / "config.yaml")).SOLVER.MAX_ITER == 3
+    log = (tmp_path / "ddp" / "log.txt").read_text()
+    assert "Resumed at iteration 2" in log and "World size: 2" in log
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["iterations"] == 3 and results["ims_per_batch"] == 8
