@@ -1,0 +1,506 @@
+"""pretrain.lincls / tools/lincls.py: linear evaluation on shapes, the frozen-backbone sanity
+check, exact resume, the accepted checkpoint formats, bad inputs, outputs and the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from pretrain.config import load_pretrain_cfg
+from pretrain.data import build_image_folder, eval_transform
+from pretrain.io import UserError, load_checkpoint
+from pretrain.lincls import (
+    BackboneChangedError,
+    LinearEvaluator,
+    build_linear_model,
+    check_backbone_unchanged,
+    evaluate_weights,
+    get_lincls_cfg,
+    load_lincls_cfg,
+    load_pretrained,
+    run_linear_eval,
+)
+from transfer.shapes import make_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SIZE = 16  # input crop of these tests: ResNet-18 at 16 px keeps every run to a few seconds
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 cores shared with other jobs: oversubscribed OpenMP threads crawl
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    make_shapes(str(out), num_train=100, num_val=50, size=64, seed=0)
+    return str(out / "imagefolder")
+
+
+def _images(root, split):
+    ds = build_image_folder(root, split, eval_transform(SIZE))
+    return torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor(ds.targets)
+
+
+@pytest.fixture(scope="module")
+def oracle(shapes, tmp_path_factory):
+    """A ResNet-18 trained with labels on the center crops of *all* shapes images (train and
+    val), saved as a torchvision state dict: a backbone whose features encode every label.
+
+    Tiny ResNets trained on 100 shapes images do not generalise (val stays at chance), so the
+    features are made informative for the val images directly. What the linear evaluation must
+    show is that it recovers them: an fc trained on the train split only, evaluated on val."""
+    x_tr, y_tr = _images(shapes, "train")
+    x_va, y_va = _images(shapes, "val")
+    x, y = torch.cat([x_tr, x_va]), torch.cat([y_tr, y_va])
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=5)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        idx = torch.randperm(len(y), generator=g)[:32]
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        own_val_top1 = 100.0 * (net(x_va).argmax(1) == y_va).float().mean().item()
+    path = str(tmp_path_factory.mktemp("oracle") / "oracle_r18.pth")
+    torch.save(net.state_dict(), path)
+    return path, own_val_top1
+
+
+def _cfg(root, out, weights, **over):
+    cfg = get_lincls_cfg()
+    opts = {
+        "MODEL.ARCH": "resnet18",
+        "MODEL.WEIGHTS": weights,
+        "INPUT.SIZE": SIZE,
+        "DATASETS.ROOT": root,
+        "SOLVER.IMS_PER_BATCH": 10,
+        "SOLVER.EPOCHS": 30,
+        "SOLVER.LR_DROP_EPOCHS": [18, 24],
+        "SOLVER.CHECKPOINT_PERIOD_EPOCHS": 100.0,
+        "TEST.IMS_PER_BATCH": 50,
+        "DATALOADER.NUM_WORKERS": 0,
+        "CUDNN_BENCHMARK": False,
+        "LOG_PERIOD": 5,
+        "OUTPUT_DIR": str(out),
+    }
+    opts.update(over)
+    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    return cfg
+
+
+def _our_checkpoint(state_dict, path, name="simo_shapes", arch="resnet18"):
+    """Wrap a torchvision state dict the way tools/pretrain.py stores its query encoder."""
+    model = {f"encoder_q.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}
+    model["encoder_q.fc.0.weight"] = torch.randn(32, 512)  # projection head: must be dropped
+    model.update({f"encoder_k.{k}": v + 1 for k, v in state_dict.items()})
+    meta = {"kind": "pretrain", "name": name, "method": "simo", "arch": arch, "loss": "eqco",
+            "tau": 0.2, "alpha": 256.0, "num_negatives": 16, "epochs": 15.0}  # fmt: skip
+    torch.save({"model": model, "iteration": 9, "meta": meta}, path)
+    return meta
+
+
+def _majority_percent(root):
+    targets = build_image_folder(root, "val", eval_transform(SIZE)).targets
+    return 100.0 * max(targets.count(c) for c in set(targets)) / len(targets)
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy
+
+
+def test_informative_backbone_is_well_above_chance_and_constant_features_are_not(
+    shapes, oracle, tmp_path
+):
+    weights, own_val_top1 = oracle
+    majority = _majority_percent(shapes)
+    meta = _our_checkpoint(torch.load(weights), str(tmp_path / "ours.pth"))
+    res = run_linear_eval(
+        _cfg(shapes, tmp_path / "good", ""), weights=str(tmp_path / "ours.pth"), cached=True
+    )
+    assert res["kind"] == "lincls" and res["name"] == "simo_shapes" and res["pretrain"] == meta
+    # the oracle's own head gets own_val_top1 on val; an fc trained on the 100 train features
+    # alone must find most of that
+    assert own_val_top1 > majority + 40, (own_val_top1, majority)
+    assert res["top1"] > majority + 30, (res["top1"], majority, own_val_top1)
+    assert res["top5"] == 100.0  # 5 classes
+    # a sweep reuses the extracted features; same SEED, same features -> the same run
+    again = run_linear_eval(
+        _cfg(shapes, tmp_path / "again", str(tmp_path / "ours.pth")),
+        cached=True,
+        features=res["features"],
+    )
+    assert again["features"] is res["features"] and again["top1"] == res["top1"]
+
+    # control: conv1 = 0 makes every image's feature identical, so no fc can beat the majority
+    # class; more would mean labels leak into training or evaluation
+    sd = torch.load(weights)
+    sd["conv1.weight"].zero_()
+    torch.save(sd, tmp_path / "blind.pth")
+    blind = run_linear_eval(
+        _cfg(shapes, tmp_path / "blind", str(tmp_path / "blind.pth")), cached=True
+    )
+    assert blind["top1"] <= majority + 1e-6, (blind["top1"], majority)
+    assert res["top1"] - blind["top1"] > 30
+
+
+# --------------------------------------------------------------------------------------------
+# frozen backbone
+
+
+def test_backbone_check_passes_untouched_and_catches_bn_updates(oracle):
+    weights = load_pretrained(oracle[0], "resnet18")
+    net = build_linear_model("resnet18", 5, weights)
+    assert check_backbone_unchanged(net, weights.backbone) == len(weights.backbone)
+    assert all(not p.requires_grad for n, p in net.named_parameters() if not n.startswith("fc."))
+    net.fc.weight.data.add_(1.0)  # the fc is supposed to change
+    check_backbone_unchanged(net, weights.backbone)
+
+    net.layer3[1].bn2.running_var.mul_(1.0001)  # one BN buffer, barely
+    with pytest.raises(BackboneChangedError, match=r"1 backbone tensor\(s\) differ.*layer3.1.bn2"):
+        check_backbone_unchanged(net, weights.backbone)
+
+    # the classic bug: a forward in train mode updates every BN's running statistics
+    net = build_linear_model("resnet18", 5, weights).train()
+    net(torch.randn(4, 3, SIZE, SIZE))
+    with pytest.raises(BackboneChangedError, match="running_mean"):
+        check_backbone_unchanged(net, weights.backbone)
+
+
+def test_image_protocol_keeps_bn_frozen_and_only_trains_fc(shapes, oracle, tmp_path):
+    """The paper protocol (augmented images through the backbone every step): the trainer's
+    model is in train mode, the backbone must still run in eval mode."""
+    cfg = _cfg(shapes, tmp_path / "img", oracle[0], **{"SOLVER.MAX_ITER": 3})
+    evaluator = LinearEvaluator(cfg).resume_or_load(resume=False)
+    fc_init = evaluator.net.fc.weight.detach().clone()
+    evaluator.model.train()
+    assert evaluator.model.training and not evaluator.net.training
+    assert not any(m.training for m in evaluator.net.modules())
+    res = evaluator.train()
+    final = load_checkpoint(str(tmp_path / "img" / "model_final.pth"))
+    source = torch.load(oracle[0])
+    for k, v in final["model"].items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, source[k]), k
+    assert final["model"]["fc.weight"].shape == (5, 512)
+    assert not torch.equal(final["model"]["fc.weight"], fc_init)
+    assert final["meta"]["top1"] == res["top1"] and final["meta"]["kind"] == "lincls"
+    assert res["protocol"] == "moco" and res["iterations"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+
+
+def _state(out):
+    return load_checkpoint(str(out / "model_final.pth"))
+
+
+def test_resume_is_exact(shapes, oracle, tmp_path):
+    """3 iterations, then --resume to 6, equals 6 in one go (image protocol: augmentations, data
+    order, momentum, lr drop at iteration 4 and RNG states all continue)."""
+    over = {"SOLVER.LR_DROP_EPOCHS": [0.4], "SOLVER.CHECKPOINT_PERIOD_EPOCHS": 0.3}
+    straight = run_linear_eval(
+        _cfg(shapes, tmp_path / "straight", oracle[0], **over, **{"SOLVER.MAX_ITER": 6})
+    )
+    run_linear_eval(_cfg(shapes, tmp_path / "resumed", oracle[0], **over, **{"SOLVER.MAX_ITER": 3}))
+    torch.manual_seed(12345)  # a fresh process would not share the RNG state either
+    cfg = _cfg(shapes, tmp_path / "resumed", oracle[0], **over, **{"SOLVER.MAX_ITER": 6})
+    evaluator = LinearEvaluator(cfg).resume_or_load(resume=True)
+    assert evaluator.start_iter == 3
+    resumed = evaluator.train()
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(30.0 * 0.1)
+    assert a["loader"] == b["loader"] == {"epoch": 0, "batch": 6}
+    assert resumed["top1"] == straight["top1"] and resumed["top5"] == straight["top5"]
+
+
+def test_resume_with_other_weights_is_refused(shapes, oracle, tmp_path):
+    run_linear_eval(_cfg(shapes, tmp_path / "r", oracle[0], **{"SOLVER.MAX_ITER": 2}), cached=True)
+    sd = torch.load(oracle[0])
+    sd["layer1.0.conv1.weight"].add_(0.1)
+    torch.save(sd, tmp_path / "other.pth")
+    cfg = _cfg(shapes, tmp_path / "r", str(tmp_path / "other.pth"), **{"SOLVER.MAX_ITER": 4})
+    with pytest.raises(UserError, match="its backbone is not the one in MODEL.WEIGHTS"):
+        run_linear_eval(cfg, cached=True, resume=True)
+
+
+# --------------------------------------------------------------------------------------------
+# input formats
+
+
+@pytest.fixture(scope="module")
+def r18_state():
+    torch.manual_seed(1)
+    return torchvision.models.resnet18().state_dict()
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["ours", "moco", "torchvision", "module_prefixed", "lincls"])
+def test_accepted_formats_give_the_same_backbone(fmt, r18_state, tmp_path):
+    path = tmp_path / f"{fmt}.pth"
+    expected_meta = {}
+    if fmt == "ours":
+        expected_meta = _our_checkpoint(r18_state, path)
+    elif fmt == "moco":  # the official main_moco.py layout
+        sd = {f"module.encoder_q.{k}": v for k, v in r18_state.items() if not k.startswith("fc.")}
+        sd["module.encoder_q.fc.0.weight"] = torch.randn(2048, 512)
+        sd["module.encoder_q.fc.2.weight"] = torch.randn(128, 2048)
+        sd.update({f"module.encoder_k.{k}": v for k, v in r18_state.items()})
+        sd["module.queue"] = torch.randn(128, 4096)
+        _save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
+    elif fmt == "torchvision":
+        _save(r18_state, path)
+    elif fmt == "module_prefixed":
+        _save({f"module.{k}": v for k, v in r18_state.items()}, path)
+    else:  # our linear-eval checkpoint can be evaluated again
+        sd = dict(r18_state, **{"fc.weight": torch.randn(5, 512), "fc.bias": torch.zeros(5)})
+        meta = {"kind": "lincls", "name": "x", "pretrain": {"name": "x"}}
+        _save({"model": sd, "meta": meta}, path)
+    w = load_pretrained(str(path), "resnet18")
+    expected = {k: v for k, v in r18_state.items() if not k.startswith("fc.")}
+    assert w.backbone.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(w.backbone[k], v), k
+    assert w.kind == {"ours": "pretrain", "module_prefixed": "torchvision"}.get(fmt, fmt)
+    if fmt == "ours":
+        assert w.meta == expected_meta
+    if fmt == "moco":
+        assert w.meta["method"] == "mocov2" and w.meta["num_negatives"] == 4096
+    net = build_linear_model("resnet18", 7, w)
+    assert net.fc.weight.shape == (7, 512) and float(net.fc.bias.detach().abs().sum()) == 0.0
+    assert 0.008 < float(net.fc.weight.detach().std()) < 0.012  # N(0, 0.01^2) as MoCo
+    check_backbone_unchanged(net, w.backbone)
+
+
+def test_old_torchvision_files_without_bn_counters_load(r18_state, tmp_path):
+    sd = {k: v for k, v in r18_state.items() if not k.endswith("num_batches_tracked")}
+    w = load_pretrained(_save(sd, tmp_path / "old.pth"), "resnet18")
+    check_backbone_unchanged(build_linear_model("resnet18", 5, w), w.backbone)
+
+
+def _bad_inputs(tmp, sd):
+    missing = {k: v for k, v in sd.items() if k != "layer4.1.conv2.weight"}
+    mangled = dict(sd, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 5, 5)})
+    (tmp / "notes.txt").write_text("these are not weights\n")
+    return {
+        "text file": (str(tmp / "notes.txt"), "resnet18", "not a PyTorch checkpoint"),
+        "no file": (str(tmp / "nope.pth"), "resnet18", "no such file"),
+        "missing layer": (
+            _save(missing, tmp / "missing.pth"),
+            "resnet18",
+            r"1 backbone tensor\(s\) of a resnet18 are missing, e.g. layer4.1.conv2.weight",
+        ),
+        "wrong shape": (
+            _save(mangled, tmp / "mangled.pth"),
+            "resnet18",
+            r"wrong shape for a resnet18, e.g. layer2.0.conv1.weight \(128, 64, 5, 5\)",
+        ),
+        "wrong arch": (
+            _save(sd, tmp / "r18.pth"),
+            "resnet50",
+            "holds a resnet18 backbone but MODEL.ARCH is resnet50; set MODEL.ARCH resnet18",
+        ),
+        "meta arch": (
+            str(tmp / "ours.pth"),
+            "resnet34",
+            "its meta says it is a resnet18 but MODEL.ARCH is resnet34",
+        ),
+        "no backbone": (
+            _save({"model": {"head.weight": torch.zeros(3)}}, tmp / "head.pth"),
+            "resnet18",
+            "no ResNet backbone recognised",
+        ),
+        "not a dict": (_save([torch.zeros(2)], tmp / "list.pth"), "resnet18", "not a checkpoint"),
+        "empty": ("", "resnet18", "MODEL.WEIGHTS is empty"),
+    }
+
+
+def test_bad_inputs_are_refused_with_one_sentence(r18_state, tmp_path):
+    _our_checkpoint(r18_state, tmp_path / "ours.pth")
+    for case, (path, arch, message) in _bad_inputs(tmp_path, r18_state).items():
+        with pytest.raises(UserError, match=message) as info:
+            load_pretrained(path, arch)
+        assert "\n" not in str(info.value), case
+
+
+# --------------------------------------------------------------------------------------------
+# configs, outputs, CLI
+
+
+def test_shipped_configs_load_and_follow_the_protocol():
+    folder = os.path.join(ROOT, "configs", "lincls")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml"))
+    assert {"r50_100ep.yaml", "shapes_cpu.yaml"} <= set(names)
+    for name in names:
+        load_lincls_cfg(os.path.join(folder, name), check_paths=False)
+    moco = load_lincls_cfg(os.path.join(folder, "r50_100ep.yaml"), check_paths=False)
+    s = moco.SOLVER
+    assert (moco.MODEL.ARCH, moco.INPUT.SIZE, moco.INPUT.RESIZE) == ("resnet50", 224, 256)
+    assert (s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY, s.IMS_PER_BATCH) == (30.0, 0.9, 0.0, 256)
+    assert (s.EPOCHS, tuple(s.LR_DROP_EPOCHS), s.GAMMA) == (100, (60, 80), 0.1)
+    assert not moco.CACHED_FEATURES
+    # the shapes demo evaluates the pretraining demo's backbone at its resolution
+    demo = load_lincls_cfg(os.path.join(folder, "shapes_cpu.yaml"), check_paths=False)
+    pre_file = os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml")
+    pre = load_pretrain_cfg(pre_file, check_paths=False)
+    assert (demo.MODEL.ARCH, demo.INPUT.SIZE) == (pre.MODEL.ARCH, pre.INPUT.SIZE)
+    assert demo.DATASETS.ROOT == pre.DATASETS.ROOT
+    assert (demo.SOLVER.BASE_LR, demo.SOLVER.EPOCHS) == (30.0, 100)
+
+
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        (["SOLVER.LR", "3"], "Non-existent key: SOLVER.LR; check the spelling against pretrain/"),
+        (["MODEL.ARCH", "vit_b"], "MODEL.ARCH 'vit_b' is unknown"),
+        (["SOLVER.LR_DROP_EPOCHS", "[80, 60]"], "must be strictly increasing"),
+        (["DATASETS.ROOT", "/nonexistent"], "/nonexistent/train is not a folder"),
+        (["SOLVER.EPOCHS"], "KEY VALUE pairs"),
+    ],
+)
+def test_bad_config_is_one_clear_user_error(opts, message, shapes):
+    base = ["DATASETS.ROOT", shapes] if "DATASETS.ROOT" not in opts else []
+    with pytest.raises(UserError) as info:
+        load_lincls_cfg("", base + opts)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "lincls.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
+    out = tmp_path / "cli"
+    _our_checkpoint(torch.load(oracle[0]), tmp_path / "ours.pth", name="demo")
+    proc = _cli(
+        "--config-file", "configs/lincls/shapes_cpu.yaml", "--cached-features",
+        "MODEL.WEIGHTS", str(tmp_path / "ours.pth"), "DATASETS.ROOT", shapes,
+        "INPUT.SIZE", str(SIZE), "SOLVER.IMS_PER_BATCH", "10", "SOLVER.EPOCHS", "10",
+        "SOLVER.LR_DROP_EPOCHS", "[6, 8]", "TEST.EVAL_PERIOD_EPOCHS", "5.0",
+        "SOLVER.CHECKPOINT_PERIOD_EPOCHS", "5.0", "OUTPUT_DIR", str(out), "LOG_PERIOD", "20",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "50",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["config.yaml", "log.txt", "metrics.json", "model_final.pth", "results.json"]:
+        assert (out / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    assert load_lincls_cfg(str(out / "config.yaml")).CACHED_FEATURES is True
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "lincls" and res["name"] == "demo"
+    assert res["weights"] == str(tmp_path / "ours.pth") and res["pretrain"]["method"] == "simo"
+    assert res["iterations"] == 100 and res["cached_features"] is True
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    evals = [m for m in metrics if "val/top1" in m]
+    assert [m["iteration"] for m in evals] == [49, 100]  # every 5 epochs, then the final one
+    assert evals[-1]["val/top1"] == res["top1"]
+    lrs = {m["iteration"]: m["lr"] for m in metrics if "lr" in m}
+    assert lrs[59] == 30.0 and lrs[79] == pytest.approx(3.0)  # unscaled at batch 10, x0.1 at 6
+    log = (out / "log.txt").read_text()
+    assert "eta:" in log and "not the paper protocol" in log and "Sanity check passed" in log
+
+    final = load_checkpoint(str(out / "model_final.pth"))
+    assert final["meta"]["kind"] == "lincls" and final["meta"]["top1"] == res["top1"]
+    assert final["meta"]["pretrain"]["name"] == "demo"
+    assert set(final["model"]) == set(torchvision.models.resnet18(num_classes=5).state_dict())
+
+    # tools/convert.py takes it and carries name and top-1 on
+    from transfer.convert import convert
+
+    report = convert(str(out / "model_final.pth"), str(tmp_path / "demo.pkl"))
+    assert report["input_kind"] == "lincls"
+    assert report["provenance"]["top1"] == res["top1"] and report["provenance"]["name"] == "demo"
+
+    # --eval-only --resume: the last checkpoint of OUTPUT_DIR, through images instead of cached
+    # features, gives the same accuracy
+    proc = _cli(
+        "--config-file", "configs/lincls/shapes_cpu.yaml", "--eval-only", "--resume",
+        "DATASETS.ROOT", shapes, "INPUT.SIZE", str(SIZE), "OUTPUT_DIR", str(out),
+        "TEST.IMS_PER_BATCH", "50", "DATALOADER.NUM_WORKERS", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["eval_only"] is True and again["weights"] == str(out / "model_final.pth")
+    assert again["top1"] == pytest.approx(res["top1"]) and again["top5"] == res["top5"]
+    assert again["name"] == "demo" and again["input_kind"] == "lincls"
+
+
+def test_eval_only_reproduces_a_supervised_head_and_needs_one(shapes, oracle, tmp_path):
+    # a torchvision ResNet with a head for these 5 classes is evaluated as is: its accuracy is
+    # what the fixture measured with its own forward pass
+    res = evaluate_weights(_cfg(shapes, tmp_path / "e", ""), oracle[0])
+    assert res["top1"] == pytest.approx(oracle[1]) and res["input_kind"] == "torchvision"
+    # a split with other classes (here: 2 folders, train/ and val/) needs another head
+    other = _cfg(shapes, tmp_path / "e", "", **{"DATASETS.VAL_SPLIT": "."})
+    with pytest.raises(UserError, match=r"has an fc of shape \(5, 512\), but --eval-only needs"):
+        evaluate_weights(other, oracle[0])
+    sd = {k: v for k, v in torch.load(oracle[0]).items() if not k.startswith("fc.")}
+    torch.save(sd, tmp_path / "headless.pth")
+    with pytest.raises(UserError, match="has no linear classifier"):
+        evaluate_weights(_cfg(shapes, tmp_path / "e", ""), str(tmp_path / "headless.pth"))
+
+
+def test_cli_bad_weights_exit_with_one_sentence(tmp_path):
+    (tmp_path / "w.pth").write_text("not a checkpoint")
+    proc = _cli(
+        "--config-file", "configs/lincls/shapes_cpu.yaml", "MODEL.WEIGHTS", str(tmp_path / "w.pth"),
+        "DATASETS.ROOT", str(tmp_path), "DATASETS.TRAIN_SPLIT", "", "DATASETS.VAL_SPLIT", "",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: {tmp_path / 'w.pth'}: ")
+    assert "PyTorch checkpoint" in errors[0]
+
+
+@pytest.mark.slow
+def test_cli_two_processes_match_one(shapes, oracle, tmp_path):
+    """DDP over the fc (2 gloo processes, 5 + 5 images per step) trains the same fc as one
+    process with 10 images per step: same samples per step, gradients averaged."""
+    common = [
+        "--config-file", "configs/lincls/shapes_cpu.yaml", "--cached-features",
+        "MODEL.WEIGHTS", oracle[0], "DATASETS.ROOT", shapes, "INPUT.SIZE", str(SIZE),
+        "SOLVER.IMS_PER_BATCH", "10", "SOLVER.MAX_ITER", "20", "TEST.IMS_PER_BATCH", "50",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.3",
+    ]  # fmt: skip
+    one = _cli(*common, "OUTPUT_DIR", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli("--num-gpus", "2", "--dist-url", "auto", *common, "OUTPUT_DIR", str(tmp_path / "2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _state(tmp_path / "one"), _state(tmp_path / "2")
+    assert len(b["rng"]["per_rank"]) == 2
+    for k in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    fc_init = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)) * 0.01  # SEED 0
+    assert (a["model"]["fc.weight"] - fc_init).abs().max() > 1e-3  # it did train
+    assert "World size: 2" in (tmp_path / "2" / "log.txt").read_text()
