@@ -3,7 +3,10 @@
 Each image has a textured, noisy background and 1-4 filled shapes (circle, square, triangle, star, cross)
 with random colours, sizes and rotations; later shapes may partially occlude earlier ones. Boxes are
 the tight boxes of the *visible* pixels (COCO convention) and ``area`` is the visible pixel count.
-The layout on disk is described in docs/formats.md. Same arguments -> identical bytes.
+
+Like ImageNet (object-centric) and COCO (scenes), the classification view holds one crop per scene,
+centred on its largest object and labelled with that object's class, while detection uses the full
+scenes. The layout on disk is described in docs/formats.md. Same arguments -> identical bytes.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ SPLITS = ("train", "val")
 # An object whose visible part is smaller than this fraction of its full area is removed from the
 # image (not just from the labels), so no unlabelled fragments remain.
 MIN_VISIBLE_FRACTION = 0.35
+# ImageFolder view: the largest object with this much context (x its box's longer side)
+CROP_CONTEXT = 1.6
 
 
 def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -120,6 +125,18 @@ def _render(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict
     return img, anns
 
 
+def _object_crop(img: Image.Image, bbox: list[float]) -> Image.Image:
+    """A square crop centred on ``bbox`` with context (CROP_CONTEXT x its longer side), as an
+    object-centric ImageNet-style image; parts outside the scene are filled with its mean colour."""
+    x, y, w, h = bbox
+    side = int(round(max(w, h) * CROP_CONTEXT))
+    x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
+    fill = tuple(int(v) for v in np.asarray(img).reshape(-1, 3).mean(0))
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, (-x0, -y0))
+    return canvas
+
+
 def make_shapes(
     out: str,
     num_train: int = 400,
@@ -161,9 +178,8 @@ def make_shapes(
             largest = max(anns, key=lambda a: a["area"])
             label = CLASSES[largest["category_id"] - 1]
             per_class[label] += 1
-            os.symlink(
-                os.path.join("..", "..", "..", split, fname),
-                os.path.join(out, "imagefolder", split, label, fname),
+            _object_crop(img, largest["bbox"]).save(
+                os.path.join(out, "imagefolder", split, label, fname), quality=92
             )
         os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:

@@ -9,7 +9,9 @@ from collections import Counter
 import pytest
 from pycocotools.coco import COCO
 
-from transfer.shapes import CLASSES, make_shapes
+from PIL import Image
+
+from transfer.shapes import CLASSES, CROP_CONTEXT, make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,7 +67,7 @@ def test_class_balance_and_imagefolder_labels(shapes):
     objects = Counter(a["category_id"] for a in data["annotations"])
     assert len(objects) == len(CLASSES)
     assert min(objects.values()) >= 0.1 * sum(objects.values())
-    # ImageFolder view: every image once, under the class of its largest object
+    # ImageFolder view: one crop per scene, under the class of its largest object
     largest = {}
     for a in data["annotations"]:
         if a["image_id"] not in largest or a["area"] > largest[a["image_id"]]["area"]:
@@ -76,9 +78,12 @@ def test_class_balance_and_imagefolder_labels(shapes):
         names = sorted(os.listdir(folder))
         assert len(names) >= 0.08 * len(data["images"]), f"class {cls} has only {len(names)} images"
         for name in names:
-            assert os.path.isfile(os.path.join(folder, name))  # the symlink resolves
             image_id = int(os.path.splitext(name)[0]) + 1
             assert CLASSES[largest[image_id]["category_id"] - 1] == cls
+            # an object-centric crop: square, CROP_CONTEXT x the longer side of the object's box
+            w, h = Image.open(os.path.join(folder, name)).size
+            side = max(largest[image_id]["bbox"][2:]) * CROP_CONTEXT
+            assert w == h and abs(w - side) <= 1.5
         seen += len(names)
     assert seen == len(data["images"])
 
