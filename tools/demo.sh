@@ -1,47 +1,59 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in shapes data, on CPU: `make demo` runs this inside .venv.
-#   make_shapes -> SiMo+EqCo pretraining -> linear eval -> convert --verify
+#   make_shapes -> SiMo+EqCo pretraining -> linear eval (SiMo and random init) -> convert --verify
 #   -> Faster R-CNN fine-tune from SiMo and from random init (same schedule) -> report
-# Usage: tools/demo.sh [OUT_DIR]   (default output/demo). Re-running resumes finished stages.
+# Usage: tools/demo.sh [OUT_DIR]   (default output/demo). Re-running resumes or reuses finished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-output/demo}
 PY=${PY:-.venv/bin/python}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-datasets}
+# One thread per process: on a 2-core machine torch's default of 2 threads is several times slower
+# as soon as a data-loader worker or any other job shares the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DATA=$DETECTRON2_DATASETS/shapes
+# the demo's backbone: ResNet-18 (ResNet-50 pretraining takes ~2 s/iter here, too slow for ~20 min)
+ARCH=resnet18
+DET_ARCH=(MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
 mkdir -p "$OUT"
 start=$(date +%s)
 stage() { printf '\n==== [%s] %s (%ds elapsed)\n' "$(date +%H:%M:%S)" "$1" $(( $(date +%s) - start )); }
 
-stage "1/6 built-in dataset -> $DATA"
+stage "1/7 built-in dataset -> $DATA"
 if [ -f "$DATA/annotations/instances_val.json" ]; then
-  echo "exists, reusing (delete $DATA to regenerate)"
+  echo "exists, reusing it (delete $DATA to regenerate)"
 else
   $PY tools/make_shapes.py --out "$DATA" --num-train 400 --num-val 100 --size 128 --seed 0 >/dev/null
-  echo "wrote $DATA (400 train / 100 val images, 5 classes)"
+  echo "wrote $DATA: 400 train / 100 val scenes with 1-4 shapes of 5 classes (COCO json + ImageFolder crops)"
 fi
 
-stage "2/6 SiMo + EqCo pretraining"
+stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256)"
 $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
-  DATASETS.ROOT "$DATA/imagefolder" OUTPUT_DIR "$OUT/pretrain_simo"
+  MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo OUTPUT_DIR "$OUT/pretrain_simo"
 
-stage "3/6 linear evaluation (cached features)"
+stage "3/7 linear evaluation (cached features): SiMo, then a random-init $ARCH"
 $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
-  MODEL.WEIGHTS "$OUT/pretrain_simo/model_final.pth" DATASETS.ROOT "$DATA/imagefolder" \
+  MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/pretrain_simo/model_final.pth" DATASETS.ROOT "$DATA/imagefolder" \
   OUTPUT_DIR "$OUT/lincls_simo"
+$PY -c "import sys, torch, torchvision; torch.manual_seed(0); \
+torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])" $ARCH "$OUT/random_init.pth"
+$PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
+  MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/random_init.pth" DATASETS.ROOT "$DATA/imagefolder" \
+  NAME "random init" OUTPUT_DIR "$OUT/lincls_random_init"
 
-stage "4/6 convert to detectron2 weights, verified against the original backbone"
+stage "4/7 convert SiMo to detectron2 weights, verified against the original backbone"
 $PY tools/convert.py "$OUT/pretrain_simo/model_final.pth" "$OUT/simo.pkl" --verify --force \
-  --lincls-dir "$OUT/lincls_simo"
+  --lincls-dir "$OUT/lincls_simo" --config-file configs/shapes_fpn_cpu.yaml "${DET_ARCH[@]}"
 
-stage "5/6 Faster R-CNN fine-tune: from SiMo, then from random init (same schedule)"
-DET_ARCH=(MODEL.RESNETS.DEPTH "${DEMO_DEPTH:-18}" MODEL.RESNETS.RES2_OUT_CHANNELS 64)
+stage "5/7 Faster R-CNN R18-FPN fine-tune from SiMo"
 $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
   MODEL.WEIGHTS "$OUT/simo.pkl" OUTPUT_DIR "$OUT/det_simo"
+
+stage "6/7 the same fine-tune from random init"
 $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
   OUTPUT_DIR "$OUT/det_random_init"
 
-stage "6/6 report"
+stage "7/7 report"
 $PY tools/report.py "$OUT" --out "$OUT/report"
 echo
-echo "demo finished in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s; everything is in $OUT"
+echo "demo finished in $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s; outputs in $OUT, table and plots in $OUT/report"
