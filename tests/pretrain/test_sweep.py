@@ -1,0 +1,187 @@
+"""pretrain.sweep: the gradient-norm probe equals autograd, bad sweeps fail before running, and a
+2-cell sweep writes sweep.csv/md/png and skips (or completes) finished cells on re-run."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from pretrain.config import get_pretrain_cfg
+from pretrain.io import UserError
+from pretrain.methods import build_method
+from pretrain.sweep import CSV_COLUMNS, QueryGradNormHook, plan_sweep, run_sweep
+from transfer.shapes import make_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LINCLS_CFG = os.path.join(ROOT, "configs", "lincls", "shapes_cpu.yaml")
+SWEEP_CFG = os.path.join(ROOT, "configs", "pretrain", "sweep_shapes_cpu.yaml")
+
+# a tiny SiMo: 16 px crops of 32 px shapes, batch 8, 3 iterations
+TINY = [
+    "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
+    "SOLVER.IMS_PER_BATCH", "8", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
+    "LOG_PERIOD", "1", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+TINY_LINCLS = [
+    "SOLVER.EPOCHS", "2", "SOLVER.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32",
+    "TEST.EVAL_PERIOD_EPOCHS", "0", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "shapes"
+    make_shapes(str(out), num_train=48, num_val=20, size=32, seed=0)
+    return str(out / "imagefolder")
+
+
+@pytest.mark.parametrize("loss", ["eqco", "infonce"])
+def test_grad_norm_probe_equals_autograd_on_q(loss):
+    cfg = get_pretrain_cfg()
+    cfg.merge_from_list(
+        ["MODEL.ARCH", "resnet18", "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "LOSS.NAME", loss]
+        + ["LOSS.NUM_NEGATIVES", "5", "MODEL.MOMENTUM", "0.9", "SOLVER.IMS_PER_BATCH", "8"]
+    )
+    torch.manual_seed(0)
+    model = build_method(cfg, torch.device("cpu")).train()
+    inner_loss = model.loss_fn
+    im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = model.generator.get_state()
+
+    hook = QueryGradNormHook(model, period=1)
+    hook.trainer = SimpleNamespace(iter=0, max_iter=1)
+    with EventStorage(0) as storage:
+        hook.before_train()
+        hook.before_step()
+        model(im_q, im_k)["loss"].backward()
+        hook.after_backward()
+        hook.after_train()
+        probed = storage.latest()["grad_norm_q"][0]
+    assert model.loss_fn is inner_loss  # the wrapper is removed after training
+
+    # reference: the same step with q exposed, d l_i / d q_i = N * dL/dq_i (L = mean_i l_i)
+    model.load_state_dict(state)
+    model.generator.set_state(gen)
+    model.zero_grad()
+    model.momentum_update()
+    q = model.embed_q(im_q)
+    q.retain_grad()
+    model.pair_loss(q, model.embed_k(im_k)).backward()
+    reference = (q.grad.norm(dim=1) * q.shape[0]).mean().item()
+    assert probed == pytest.approx(reference, rel=1e-4)
+    assert reference > 0.1
+
+
+def test_k_that_does_not_fit_the_batch_fails_before_running(shapes, tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(UserError, match=r"cell infonce_k8_s0: LOSS.NUM_NEGATIVES=8 .* batch"):
+        plan_sweep(
+            SWEEP_CFG, ks=[4, 8], losses=["infonce"], seeds=[0], out=str(out),
+            opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG,
+        )  # fmt: skip
+    assert not out.exists()
+    with pytest.raises(UserError, match="MODEL.METHOD is 'mocov2'"):
+        plan_sweep(
+            SWEEP_CFG, ks=[4], losses=["eqco"], seeds=[0], out=str(out),
+            opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "mocov2"]
+            + ["LOSS.QUEUE_SIZE", "16"],
+            lincls_config=LINCLS_CFG,
+        )  # fmt: skip
+    with pytest.raises(UserError, match="--loss 'nce' is unknown"):
+        plan_sweep(SWEEP_CFG, ks=[4], losses=["nce"], seeds=[0], out=str(out))
+
+
+def test_cli_refuses_bad_input_with_one_sentence(shapes, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "sweep.py"), "--k", "300", "--loss", "eqco"]
+        + ["--seeds", "0", "--out", str(tmp_path / "s"), "DATASETS.ROOT", shapes]
+        + ["SOLVER.IMS_PER_BATCH", "8"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "error: cell eqco_k300_s0: LOSS.NUM_NEGATIVES=300" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _mtimes(paths):
+    return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+@pytest.mark.slow
+def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path):
+    out = tmp_path / "sweep"
+    plan = plan_sweep(
+        SWEEP_CFG, ks=[4], losses=["infonce", "eqco"], seeds=[0], out=str(out), alpha=256.0,
+        opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG, lincls_opts=TINY_LINCLS,
+    )  # fmt: skip
+    first = run_sweep(plan, progress=False)
+    assert first["ran"] == ["infonce_k4_s0", "eqco_k4_s0"] and first["skipped"] == []
+    for name in ("sweep.csv", "sweep.md", "sweep.png"):
+        assert (out / name).is_file(), name
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with open(out / "sweep.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["loss"], int(r["k"]), float(r["alpha"]), int(r["seed"])) for r in rows] == [
+        ("infonce", 4, 4.0, 0),  # InfoNCE = EqCo with alpha = K
+        ("eqco", 4, 256.0, 0),
+    ]
+    for r in rows:
+        cell = out / "cells" / f"{r['loss']}_k4_s0"
+        lin = json.loads((cell / "lincls" / "results.json").read_text())
+        pre = json.loads((cell / "pretrain" / "results.json").read_text())
+        assert float(r["top1"]) == pytest.approx(lin["top1"]) and 0 <= float(r["top1"]) <= 100
+        assert float(r["top5"]) == pytest.approx(lin["top5"])
+        assert float(r["final_loss"]) == pytest.approx(pre["final_loss"])
+        assert pre["loss"] == r["loss"] and pre["num_negatives"] == 4 and pre["iterations"] == 3
+        # grad_norm_q is logged at every iteration (LOG_PERIOD 1); the csv holds their mean
+        metrics = (cell / "pretrain" / "metrics.json").read_text().splitlines()
+        logged = [json.loads(x) for x in metrics if x]
+        norms = [m["grad_norm_q"] for m in logged if "grad_norm_q" in m]
+        assert len(norms) == 3 and all(math.isfinite(v) and v > 0 for v in norms)
+        assert float(r["grad_norm"]) == pytest.approx(sum(norms) / 3)
+        assert float(r["pretrain_seconds"]) > 0
+    md = (out / "sweep.md").read_text()
+    assert "| K | infonce (alpha=K) | eqco (alpha=256) |" in md
+    top1 = {r["loss"]: float(r["top1"]) for r in rows}
+    row = f"| 4 | {top1['infonce']:.2f} ± 0.00 (1 seed) | {top1['eqco']:.2f} ± 0.00 (1 seed) |"
+    assert row in md
+
+    # re-run: nothing trains again, the outputs are the same
+    watched = [
+        str(out / "cells" / c / d / f)
+        for c in ("infonce_k4_s0", "eqco_k4_s0")
+        for d, f in (("pretrain", "model_final.pth"), ("lincls", "results.json"))
+    ]
+    before, csv_before = _mtimes(watched), (out / "sweep.csv").read_text()
+    second = run_sweep(plan, progress=False)
+    assert second["ran"] == [] and second["skipped"] == ["infonce_k4_s0", "eqco_k4_s0"]
+    assert _mtimes(watched) == before
+    assert (out / "sweep.csv").read_text() == csv_before
+
+    # a cell whose linear eval is missing is completed without pretraining again
+    lincls_results = out / "cells" / "eqco_k4_s0" / "lincls" / "results.json"
+    lincls_results.unlink()
+    third = run_sweep(plan, progress=False)
+    assert third["ran"] == ["eqco_k4_s0"] and third["skipped"] == ["infonce_k4_s0"]
+    assert lincls_results.is_file()
+    assert _mtimes(watched[:3]) == {p: before[p] for p in watched[:3]}

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""K-sweep: SiMo pretraining + linear evaluation (cached features) for every (loss, K, seed), e.g.
+
+    python tools/make_shapes.py --out datasets/shapes32 --num-train 2304 --num-val 1000 --size 32
+    python tools/sweep.py --config-file configs/pretrain/sweep_shapes_cpu.yaml \\
+        --k 4 16 64 256 --loss infonce eqco --alpha 256 --seeds 0 1 2 --out output/sweep
+    python tools/sweep.py ... --out output/sweep SOLVER.EPOCHS 2      # KEY VALUE: pretraining cfg
+    python tools/sweep.py ... --lincls-opt SOLVER.EPOCHS 50            # linear-eval cfg overrides
+    python tools/sweep.py ... --eval-only      # only rewrite sweep.csv/md/png from finished cells
+
+Re-running the same command skips finished cells (those with cells/<cell>/lincls/results.json) and
+resumes an interrupted one from its last checkpoint. Writes OUT/sweep.csv, OUT/sweep.md and
+OUT/sweep.png; each cell's runs are in OUT/cells/<loss>_k<K>_s<seed>/{pretrain,lincls}/.
+"""
+import os
+import re
+import sys
+
+# `python tools/sweep.py` puts tools/ first on sys.path, where tools/pretrain.py would shadow the
+# `pretrain` package it imports: drop that entry (the package is installed / on the path).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from pretrain.io import UserError, exit_on_user_error  # noqa: E402
+from pretrain.sweep import SWEEP_LOSSES, plan_sweep, run_sweep  # noqa: E402
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
+
+
+def _split_values(values, is_value):
+    """argparse's nargs='+' also swallows the trailing KEY VALUE overrides: give them back."""
+    for i, v in enumerate(values):
+        if not is_value(v):
+            return values[:i], values[i:]
+    return values, []
+
+
+def _is_int(v: str) -> bool:
+    try:
+        int(v)
+        return True
+    except ValueError:
+        return False
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = default_argument_parser(epilog=__doc__)
+    parser.set_defaults(config_file="configs/pretrain/sweep_shapes_cpu.yaml")
+    parser.add_argument(
+        "--k", nargs="+", default=["4", "16", "64", "256"], help="negatives per query (K)"
+    )
+    parser.add_argument("--loss", nargs="+", default=list(SWEEP_LOSSES), help="LOSS.NAME values")
+    parser.add_argument("--alpha", type=float, default=256.0, help="EqCo alpha (eqco cells only)")
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="SEED values")
+    parser.add_argument("--out", default="output/sweep", help="sweep directory (%(default)s)")
+    parser.add_argument(
+        "--lincls-config",
+        default="configs/lincls/shapes_cpu.yaml",
+        help="linear-eval config; MODEL.ARCH, INPUT.SIZE, DATASETS.ROOT, SEED come from the cell",
+    )
+    parser.add_argument(
+        "--lincls-opt",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a linear-eval config override (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    # --eval-only here: rewrite the outputs from the finished cells, train nothing; the sweep
+    # always resumes, so --resume changes nothing
+    trailing = []
+    ks, rest = _split_values(args.k, _is_int)
+    trailing += rest
+    losses, rest = _split_values(args.loss, lambda v: not _CONFIG_KEY.match(v))
+    trailing += rest
+    seeds, rest = _split_values(args.seeds, _is_int)
+    trailing += rest
+    if args.num_machines > 1:
+        raise UserError("--num-machines: the sweep runs on one machine; use --num-gpus there.")
+    setup_logger(name="pretrain")
+    plan = plan_sweep(
+        args.config_file,
+        ks=[int(k) for k in ks],
+        losses=losses,
+        seeds=[int(s) for s in seeds],
+        out=args.out,
+        alpha=args.alpha,
+        opts=trailing + list(args.opts),
+        lincls_config=args.lincls_config,
+        lincls_opts=[x for kv in args.lincls_opt for x in kv],
+        launch_args=["--num-gpus", str(args.num_gpus)] if args.num_gpus > 1 else [],
+    )
+    result = run_sweep(plan, train=not args.eval_only)
+    print(
+        f"K-sweep: ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
+        + ", ".join(result["files"].values())
+    )
+
+
+if __name__ == "__main__":
+    main()
