@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -105,17 +106,31 @@ def launch_from_args(main: Callable[..., Any], args: Any, *main_args: Any) -> No
         return
     try:
         launch(
-            main,
+            _run_worker,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
-            args=main_args,
+            args=(main, *main_args),
         )
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == 2:  # a worker already printed its one-sentence UserError
             raise SystemExit(2) from None
         raise
+
+
+def _run_worker(main: Callable[..., Any], *main_args: Any) -> None:
+    """Body of every launched process. A spawned worker (world size > 1) ends with ``os._exit(0)``
+    after tearing gloo/NCCL down and flushing its output: the normal interpreter exit runs the C++
+    static destructors of the process-group backend, which now and then abort a finished worker
+    ("terminate called without an active exception", SIGABRT) and fail a completed run."""
+    main(*main_args)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        finish_distributed()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def finish_distributed() -> None:
