@@ -24,6 +24,7 @@ __all__ = [
     "add_pretrain_config",
     "get_pretrain_cfg",
     "load_pretrain_cfg",
+    "merge_config",
     "validate_pretrain_cfg",
     "effective_lr",
     "REFERENCE_BATCH",
@@ -223,11 +224,38 @@ def effective_lr(cfg: PretrainCfgNode) -> float:
     return cfg.SOLVER.BASE_LR * cfg.SOLVER.IMS_PER_BATCH / REFERENCE_BATCH
 
 
-def _yacs_message(e: Exception) -> str:
+def _yacs_message(e: Exception, keys_doc: str) -> str:
     msg = str(e.args[0] if e.args else e).strip("'\"")
-    if msg.startswith("Non-existent"):
-        return msg + "; check the spelling against pretrain/config.py."
+    if msg.startswith(("Non-existent config key", "Non-existent key")):
+        key = msg.split(":", 1)[1].strip()
+        return f"unknown config key {key}; check the spelling against {keys_doc}."
     return msg
+
+
+def merge_config(cfg, config_file: str, opts: Optional[List[str]], keys_doc: str):
+    """``cfg`` <- ``config_file`` (with its ``_BASE_`` chain) <- ``KEY VALUE`` overrides.
+
+    Shared by every stage's config loader. A missing file, YAML error, unknown key (``keys_doc``
+    says where the keys are documented), type mismatch or odd override list is one
+    :class:`UserError` sentence.
+    """
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"{config_file}: config file not found; see configs/ for shipped ones.")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise UserError(f"{config_file}: {_yacs_message(e, keys_doc)}") from e
+        except Exception as e:  # yaml syntax errors
+            raise UserError(f"{config_file}: not a valid YAML config ({e}).") from e
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"command-line override: {_yacs_message(e, keys_doc)}") from e
+    return cfg
 
 
 def load_pretrain_cfg(
@@ -237,23 +265,7 @@ def load_pretrain_cfg(
 
     Unknown keys, wrong types, odd override lists and invalid values raise :class:`UserError`.
     """
-    cfg = get_pretrain_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise UserError(f"{config_file}: config file not found; see configs/pretrain/.")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise UserError(f"{config_file}: {_yacs_message(e)}") from e
-        except Exception as e:  # yaml syntax errors
-            raise UserError(f"{config_file}: not a valid YAML config ({e}).") from e
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise UserError(f"command-line override: {_yacs_message(e)}") from e
+    cfg = merge_config(get_pretrain_cfg(), config_file, opts, "pretrain/config.py")
     validate_pretrain_cfg(cfg, check_paths=check_paths)
     return cfg
 

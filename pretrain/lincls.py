@@ -46,7 +46,7 @@ from detectron2.utils import comm
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.config import ARCHS, PretrainCfgNode
+from pretrain.config import ARCHS, PretrainCfgNode, merge_config
 from pretrain.data import (
     RobustImageFolder,
     build_eval_loader,
@@ -182,13 +182,6 @@ def get_lincls_cfg() -> PretrainCfgNode:
     return cfg
 
 
-def _yacs_error(e: Exception) -> str:
-    msg = str(e.args[0] if e.args else e).strip("'\"")
-    if msg.startswith("Non-existent"):
-        return msg + "; check the spelling against pretrain/lincls.py."
-    return msg
-
-
 def load_lincls_cfg(
     config_file: str, opts: list[str] | None = None, check_paths: bool = True
 ) -> PretrainCfgNode:
@@ -196,23 +189,7 @@ def load_lincls_cfg(
 
     Every mistake (unknown key, wrong type, missing file) is one :class:`UserError` sentence.
     """
-    cfg = get_lincls_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise UserError(f"{config_file}: config file not found; see configs/lincls/.")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise UserError(f"{config_file}: {_yacs_error(e)}") from e
-        except Exception as e:  # yaml syntax errors
-            raise UserError(f"{config_file}: not a valid YAML config ({e}).") from e
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise UserError(f"command-line override: {_yacs_error(e)}") from e
+    cfg = merge_config(get_lincls_cfg(), config_file, opts, "pretrain/lincls.py")
     validate_lincls_cfg(cfg, check_paths=check_paths)
     return cfg
 

@@ -1,12 +1,12 @@
-"""The few config keys the transfer stage adds to detectron2's, and the config set-up of train_det."""
+"""The few config keys the transfer stage adds to detectron2's, and train_det's config set-up."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from detectron2.config import CfgNode, get_cfg
 
+from pretrain.config import merge_config
 from pretrain.io import UserError
 
 logger = logging.getLogger(__name__)
@@ -14,12 +14,12 @@ logger = logging.getLogger(__name__)
 
 def add_transfer_config(cfg: CfgNode) -> None:
     """Add our keys (with their defaults) to a detectron2 config."""
-    # Extra COCO-format datasets to register, each [name, json_file, image_root]; relative paths are
-    # resolved against $DETECTRON2_DATASETS (default "datasets"), like detectron2's builtin datasets.
+    # Extra COCO-format datasets to register, each [name, json_file, image_root]; relative paths
+    # are resolved against $DETECTRON2_DATASETS (default "datasets"), like detectron2's builtins.
     # "shapes_train" / "shapes_val" (tools/make_shapes.py) are always registered.
     cfg.DATASETS.REGISTER = []
-    # Evaluate with detectron2's C++ COCO evaluation when its compiled ops load, else pure pycocotools.
-    # The numbers are the same; only the speed differs.
+    # Evaluate with detectron2's C++ COCO evaluation when its compiled ops load, else with pure
+    # pycocotools. The numbers are the same; only the speed differs.
     cfg.TEST.COCO_FAST_EVAL = True
 
 
@@ -31,36 +31,13 @@ def get_transfer_cfg() -> CfgNode:
 
 
 def load_config(config_file: str, opts: list[str]) -> CfgNode:
-    """Merge ``config_file`` (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides into the defaults.
+    """Defaults <- ``config_file`` (with its ``_BASE_`` chain) <- ``KEY VALUE`` overrides.
 
     Unknown keys, type mismatches and missing files become one-sentence :class:`UserError`s.
     """
-    cfg = get_transfer_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise UserError(f"{config_file}: config file not found; see configs/ for the shipped ones.")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError) as e:
-            raise UserError(f"{config_file}: {_yacs_message(e)}") from e
-    if len(opts) % 2:
-        raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserError(f"command-line override: {_yacs_message(e)}") from e
-    return cfg
-
-
-def _yacs_message(e: Exception) -> str:
-    msg = str(e.args[0] if e.args else e).strip("'\"")
-    if msg.startswith(("Non-existent config key", "Non-existent key")):
-        key = msg.split(":", 1)[1].strip()
-        return (
-            f"unknown config key {key}; check the spelling against detectron2's defaults "
-            "(or transfer/config.py)."
-        )
-    return msg
+    return merge_config(
+        get_transfer_cfg(), config_file, opts, "detectron2's defaults (or transfer/config.py)"
+    )
 
 
 def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
@@ -69,7 +46,7 @@ def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
     * ``MODEL.DEVICE cuda`` without CUDA -> ``cpu``.
     * ``SyncBN`` (``nn.SyncBatchNorm``) on a single process is plain BatchNorm over the local batch.
     * Several processes need GPUs: detectron2 wraps the model in DistributedDataParallel with
-      ``device_ids``, which does not accept CPU modules (and ``nn.SyncBatchNorm`` needs CUDA tensors).
+      ``device_ids``, which refuses CPU modules (and ``nn.SyncBatchNorm`` needs CUDA tensors).
     """
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: MODEL.DEVICE cuda -> cpu")

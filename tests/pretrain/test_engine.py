@@ -200,7 +200,7 @@ def test_lr_scaling_and_schedule():
 @pytest.mark.parametrize(
     "opts,message",
     [
-        (["MODEL.DEPTH", "50"], "Non-existent key: MODEL.DEPTH; check the spelling"),
+        (["MODEL.DEPTH", "50"], "unknown config key MODEL.DEPTH; check the spelling"),
         (["SOLVER.IMS_PER_BATCH", "'many'"], "Type mismatch"),
         (["LOSS.NUM_NEGATIVES", "300"], "LOSS.NUM_NEGATIVES=300 is larger than the 255"),
         (["LOSS.ALPHA", "0"], "LOSS.ALPHA must be > 0"),
@@ -255,7 +255,7 @@ def test_cli_bad_key_exits_with_one_sentence(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: command-line override: Non-existent key: LOSS.ALPHAA; check the spelling "
+        "error: command-line override: unknown config key LOSS.ALPHAA; check the spelling "
         "against pretrain/config.py."
     ]
 

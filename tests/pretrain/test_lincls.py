@@ -373,7 +373,7 @@ def test_shipped_configs_load_and_follow_the_protocol():
 @pytest.mark.parametrize(
     "opts,message",
     [
-        (["SOLVER.LR", "3"], "Non-existent key: SOLVER.LR; check the spelling against pretrain/"),
+        (["SOLVER.LR", "3"], "unknown config key SOLVER.LR; check the spelling against pretrain/"),
         (["MODEL.ARCH", "vit_b"], "MODEL.ARCH 'vit_b' is unknown"),
         (["SOLVER.LR_DROP_EPOCHS", "[80, 60]"], "must be strictly increasing"),
         (["DATASETS.ROOT", "/nonexistent"], "/nonexistent/train is not a folder"),
