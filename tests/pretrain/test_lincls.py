@@ -29,15 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SIZE = 16  # input crop of these tests: ResNet-18 at 16 px keeps every run to a few seconds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 cores shared with other jobs: oversubscribed OpenMP threads crawl
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "shapes"

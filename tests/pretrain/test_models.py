@@ -11,15 +11,6 @@ from pretrain.methods import SiMo, build_method, in_batch_logits
 from pretrain.models import NaiveSyncBatchNorm1d, build_encoder, convert_to_sync_bn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine has 2 cores shared with other jobs: oversubscribed OpenMP threads crawl
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_cfg(method="simo", **over):
     cfg = get_pretrain_cfg()
     cfg.MODEL.METHOD = method
