@@ -56,7 +56,7 @@ from pretrain.data import (
     eval_transform,
     moco_v2_transform,
 )
-from pretrain.io import UserError, atomic_save, load_checkpoint
+from pretrain.io import UserError, atomic_save, atomic_write_text, load_checkpoint
 from pretrain.knn import knn_top1
 from pretrain.methods import ContrastiveMethod, build_method
 
@@ -204,13 +204,7 @@ class AtomicCheckpointer(Checkpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         # written after the checkpoint it names and replaced atomically, so it never points to a
         # partial file nor is itself half-written
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def _load_file(self, f: str) -> Dict[str, Any]:
         # fvcore's documented extension point for the file format: refuse pickled code

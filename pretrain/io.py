@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["UserError", "atomic_save", "load_checkpoint", "load_weights_pickle", "exit_on_user_error"]
+__all__ = ["UserError", "atomic_save", "atomic_write_text", "load_checkpoint", "load_weights_pickle", "exit_on_user_error"]
 
 
 class UserError(Exception):
@@ -39,6 +39,16 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a small text file (``last_checkpoint``, ``results.json``) via temp file + fsync + rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, unsafe: bool = False) -> Any:

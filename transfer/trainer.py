@@ -15,22 +15,17 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
-from pretrain.io import UserError, atomic_save, load_checkpoint, load_weights_pickle
+from pretrain.engine import AtomicCheckpointer
+from pretrain.io import UserError, atomic_write_text, load_checkpoint, load_weights_pickle
 
 logger = logging.getLogger(__name__)
 
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that writes atomically and never runs code from a weights file.
+class SafeDetectionCheckpointer(AtomicCheckpointer, DetectionCheckpointer):
+    """DetectionCheckpointer that writes atomically (the pretraining engine's ``save``) and never
+    runs code from a weights file.
 
     ``.pkl`` files are read with a restricted unpickler (containers and numpy arrays only) and
     ``.pth`` files with ``torch.load(weights_only=True)``; ``unsafe=True`` lifts both limits.
@@ -39,21 +34,6 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def __init__(self, *args: Any, unsafe: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unsafe = unsafe
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
-        atomic_save(data, os.path.join(self.save_dir, basename))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         if filename.endswith(".pkl"):
@@ -191,6 +171,6 @@ def write_results(cfg: CfgNode, results: dict[str, Any], provenance: dict[str, A
         "iteration": iteration,
         "bbox": bbox_results(results),
     }
-    _atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     logger.info(f"Wrote {path}: " + json.dumps(record["bbox"]))
     return path
