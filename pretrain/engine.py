@@ -418,11 +418,7 @@ def write_results(output_dir: str, results: Dict[str, Any]) -> str:
     """Write ``results.json`` atomically (main process only); returns its path."""
     path = os.path.join(output_dir, "results.json")
     if comm.is_main_process():
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return path
 
 

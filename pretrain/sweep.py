@@ -39,7 +39,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from pretrain.config import load_pretrain_cfg
-from pretrain.io import UserError, exit_on_user_error
+from pretrain.io import UserError, atomic_write_text, exit_on_user_error
 
 __all__ = [
     "QueryGradNormHook",
@@ -423,10 +423,7 @@ def _run_stage(
 def _add_seconds(path: str, key: str, seconds: float) -> None:
     data = _read_json(path) or {}
     data[key] = float(data.get(key, 0.0)) + seconds
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
@@ -652,10 +649,7 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
             ]
             lines.append(f"| {k} | " + " | ".join(entries) + " |")
         lines.append("")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

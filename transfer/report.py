@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.io import UserError
+from pretrain.io import UserError, atomic_write_text
 from transfer.convert import read_provenance
 
 __all__ = [
@@ -483,14 +483,9 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     if notes:
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     md_path, csv_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.csv")
-    _atomic_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     _write_csv(rows, csv_path + ".tmp")
     os.replace(csv_path + ".tmp", csv_path)
     return Report(table, rows, [md_path, csv_path] + files, notes)
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -16,7 +16,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from pretrain.engine import AtomicCheckpointer
-from pretrain.io import UserError, atomic_write_text, load_checkpoint, load_weights_pickle
+from pretrain.engine import write_results as write_results_json
+from pretrain.io import UserError, load_checkpoint, load_weights_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +161,6 @@ def bbox_results(results: dict[str, Any]) -> dict[str, float]:
 
 def write_results(cfg: CfgNode, results: dict[str, Any], provenance: dict[str, Any], iteration: int) -> str:
     """Write OUTPUT_DIR/results.json (docs/formats.md) and return its path."""
-    path = os.path.join(cfg.OUTPUT_DIR, "results.json")
-    if not comm.is_main_process():
-        return path
     record = {
         "kind": "detection",
         "name": provenance.get("name", "random init"),
@@ -171,6 +169,7 @@ def write_results(cfg: CfgNode, results: dict[str, Any], provenance: dict[str, A
         "iteration": iteration,
         "bbox": bbox_results(results),
     }
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    logger.info(f"Wrote {path}: " + json.dumps(record["bbox"]))
+    path = write_results_json(cfg.OUTPUT_DIR, record)
+    if comm.is_main_process():
+        logger.info(f"Wrote {path}: " + json.dumps(record["bbox"]))
     return path
