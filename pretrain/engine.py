@@ -56,7 +56,13 @@ from pretrain.data import (
     eval_transform,
     moco_v2_transform,
 )
-from pretrain.io import UserError, atomic_save, atomic_write_text, load_checkpoint
+from pretrain.io import (
+    UserError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+)
 from pretrain.knn import knn_top1
 from pretrain.methods import ContrastiveMethod, build_method
 
@@ -200,6 +206,20 @@ class AtomicCheckpointer(Checkpointer):
         self.logger.info("Saving checkpoint to %s", path)
         atomic_save(data, path)
         self.tag_last_checkpoint(basename)
+
+    def remove_stale_temp_files(self) -> None:
+        """Delete the temp files of saves that were killed mid-write (main process only)."""
+        if self.save_dir and self.save_to_disk:
+            stale = remove_stale_temp_files(self.save_dir)
+            if stale:
+                self.logger.info(
+                    "Removed %d partial file(s) of interrupted saves: %s", len(stale), ", ".join(stale)
+                )
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        if resume:
+            self.remove_stale_temp_files()
+        return super().resume_or_load(path, resume=resume)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         # written after the checkpoint it names and replaced atomically, so it never points to a
@@ -608,6 +628,8 @@ class Pretrainer:
     def resume_or_load(self, resume: bool = True) -> "Pretrainer":
         """With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, restore everything (weights,
         optimizer, iteration, loader position, queue, RNG states, scaler); else start at 0."""
+        if resume:
+            self.checkpointer.remove_stale_temp_files()
         if resume and self.checkpointer.has_checkpoint():
             extra = self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = int(extra["iteration"]) + 1

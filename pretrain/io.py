@@ -10,7 +10,18 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["UserError", "atomic_save", "atomic_write_text", "load_checkpoint", "load_weights_pickle", "exit_on_user_error"]
+__all__ = [
+    "UserError",
+    "atomic_save",
+    "atomic_write_text",
+    "remove_stale_temp_files",
+    "load_checkpoint",
+    "load_weights_pickle",
+    "exit_on_user_error",
+]
+
+# prefix of the temporary files of atomic_save / atomic_write_text (see remove_stale_temp_files)
+TEMP_PREFIX = ".tmp_"
 
 
 class UserError(Exception):
@@ -28,7 +39,7 @@ def atomic_save(obj: Any, path: str) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -42,13 +53,28 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a small text file (``last_checkpoint``, ``results.json``) via temp file + fsync + rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write a small text file (``last_checkpoint``, ``results.json``): temp file, fsync, rename."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}_{name}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Delete the temporary files that a save killed mid-write (SIGKILL, power loss) left in
+    ``directory``; returns their names. Call it only where no other process is saving."""
+    if not os.path.isdir(directory):
+        return []
+    stale = sorted(f for f in os.listdir(directory) if f.startswith(TEMP_PREFIX))
+    for name in stale:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def load_checkpoint(path: str, unsafe: bool = False) -> Any:
