@@ -34,6 +34,7 @@ bench: install
 	$(PY) bench/pretrain_step.py --arch resnet18 --size 64 --batch 32 --iters 3 --rounds 3 --threads 1 \
 		--workers 1 --data-batches 4
 	$(PY) bench/det_step.py --iters 5 --size 128 --batch 4
+	$(PY) bench/convert_time.py --arch resnet50 --rounds 3 --warmup 1 --threads 1
 
 lint: install
 	$(PY) -m pip install -q ruff

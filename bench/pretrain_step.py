@@ -2,7 +2,7 @@
 """Speed of one SiMo training step through the engine vs. a plain PyTorch step, and of the data
 pipeline, e.g.
 
-    python bench/pretrain_step.py --arch resnet50 --size 224 --batch 64            # a GPU
+    python bench/pretrain_step.py --arch resnet50 --size 224 --batch 64 --amp bf16 # a GPU
     python bench/pretrain_step.py --arch resnet50 --size 64 --batch 32 --threads 2  # this CPU box
 
 * engine step: ``Pretrainer``'s real trainer (``ContrastiveTrainer.run_step`` + all its hooks:
@@ -12,10 +12,14 @@ pipeline, e.g.
   ``loss = model(q, k); opt.zero_grad(); loss.backward(); opt.step()`` loop;
 * the two are timed in alternating blocks (so background load hits both alike); the overhead
   ratio is median(engine s/iter) / median(reference s/iter) (target <= 1.05);
-* data pipeline: images/s of the two-crop aug+ loader over DATASETS.ROOT (default: the shapes
-  ImageFolder) with 0 workers (main process) and with ``--workers`` workers, divided per worker.
+* data pipeline: images/s of the two-crop aug+ loader over ``--data`` (default: a fresh shapes
+  ImageFolder, ``transfer.shapes.make_shapes`` with 400 scenes at 128 px, seed 0, as the demo's, in
+  a temp dir) with 0 workers (main process) and with ``--workers`` workers, divided per worker.
 
-Prints one JSON object (also written to --out if given).
+Prints one JSON object (also written to --out if given) and appends to bench/results.md, with the
+machine, versions and date: the engine vs reference s/iter and their ratio, the training images/s
+of both with the precision actually used (AMP bf16/fp16 on a GPU; fp32 on CPU, where
+``SOLVER.AMP.ENABLED`` is ignored), and the data pipeline images/s for 0 and ``--workers`` workers.
 """
 
 import argparse
@@ -29,18 +33,22 @@ import sys
 import tempfile
 import time
 
-import torch
-from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import EventStorage
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pretrain.config import get_pretrain_cfg
-from pretrain.data import (
+import torch  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from bench.common import RATIO_HEADER, append_result  # noqa: E402
+from pretrain.config import get_pretrain_cfg  # noqa: E402
+from pretrain.data import (  # noqa: E402
     RobustImageFolder,
     TwoCropsTransform,
     build_train_loader,
     moco_v2_transform,
 )
-from pretrain.engine import Pretrainer
+from pretrain.engine import Pretrainer  # noqa: E402
+from transfer.shapes import make_shapes  # noqa: E402
 
 
 def _sync(device):
@@ -128,6 +136,10 @@ def bench_step(args, out_dir):
         "engine_s_per_iter_rounds": engine_times,
         "reference_s_per_iter_rounds": ref_times,
         "device": str(device),
+        # what the step ran in: --amp is ignored on CPU (the Pretrainer trains in float32 there)
+        "precision": f"AMP {str(amp).removeprefix('torch.')}" if amp is not None else "fp32",
+        "channels_last": bool(args.channels_last),
+        "num_negatives": int(cfg.LOSS.NUM_NEGATIVES),
     }
 
 
@@ -150,6 +162,46 @@ def bench_data(args):
     return result
 
 
+def write_results_md(args, step, data):
+    """Append the step (engine vs reference) and throughput tables to bench/results.md."""
+    what = (
+        f"{args.arch} SiMo, {args.size} px, N={args.batch}, K={step['num_negatives']}, "
+        f"{step['device']}, {step['precision']}"
+        + (", channels_last" if step["channels_last"] else "")
+    )
+    overhead = [
+        (
+            f"| training step, engine vs bare loop ({what}) "
+            f"| {step['reference_s_per_iter']:.3f} s/iter | {step['engine_s_per_iter']:.3f} s/iter "
+            f"| {step['overhead_ratio']:.3f} |"
+        )
+    ]
+    throughput = [
+        f"| training step, engine ({what}) | {step['engine_images_per_s']:.1f} | - |",
+        f"| training step, bare loop ({what}) | {step['reference_images_per_s']:.1f} | - |",
+    ]
+    for workers in sorted({0, args.workers}):
+        label = "0 workers (main process)" if workers == 0 else f"{workers} worker(s)"
+        throughput.append(
+            f"| data pipeline, two {args.size} px crops, {label} "
+            f"| {data[f'workers_{workers}_images_per_s']:.1f} "
+            f"| {data[f'workers_{workers}_images_per_s_per_worker']:.1f} |"
+        )
+    rounds = " ".join(f"{t:.3f}" for t in step["engine_s_per_iter_rounds"])
+    ref_rounds = " ".join(f"{t:.3f}" for t in step["reference_s_per_iter_rounds"])
+    append_result(
+        "pretrain_step",
+        [(RATIO_HEADER, overhead), (("what", "images/s", "images/s per worker"), throughput)],
+        notes=[
+            (
+                f"s/iter = median of {args.rounds} alternating blocks of {args.iters} steps "
+                f"(engine: {rounds}; reference: {ref_rounds}); ratio = engine / reference"
+            ),
+            f"data: {args.data or 'shapes ImageFolder (400 scenes, 128 px) in a temp dir'}",
+        ],
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,17 +215,25 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument("--workers", type=int, default=1, help="loader workers for the data benchmark")
     p.add_argument("--data-batches", type=int, default=5)
-    p.add_argument("--data", default="datasets/shapes/imagefolder", help="ImageFolder root")
+    p.add_argument(
+        "--data", default="", help="ImageFolder root (default: a fresh shapes one in a temp dir)"
+    )
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.data, "train")):
-        sys.exit(f"error: {args.data}/train not found; run tools/make_shapes.py or pass --data.")
+    if args.data and not os.path.isdir(os.path.join(args.data, "train")):
+        sys.exit(f"error: {args.data}/train not found; pass an ImageFolder root to --data.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as out_dir:
-        step = bench_step(args, out_dir)
+    with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as tmp:
+        run_args = copy.copy(args)
+        if not args.data:
+            make_shapes(os.path.join(tmp, "shapes"), num_train=400, num_val=4, size=128, seed=0)
+            run_args.data = os.path.join(tmp, "shapes", "imagefolder")
+        os.makedirs(os.path.join(tmp, "out"))
+        step = bench_step(run_args, os.path.join(tmp, "out"))
+        data = bench_data(run_args)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
@@ -184,13 +244,14 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "step": step,
-        "data": bench_data(args),
+        "data": data,
     }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    write_results_md(args, step, data)
 
 
 if __name__ == "__main__":
