@@ -235,7 +235,7 @@ def format_table(records: Sequence[dict], cfg: MIToyConfig) -> str:
     value = {(r["mi"], r["k"], r["loss"]): r["estimate"] for r in records}
     cols = [(loss, k) for loss in LOSS_NAMES for k in ks]
     lines = [
-        "| true MI (nats) | " + " | ".join(f"{_LABELS[l]} K={k}" for l, k in cols) + " |",
+        "| true MI (nats) | " + " | ".join(f"{_LABELS[loss]} K={k}" for loss, k in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
     for mi in mis:

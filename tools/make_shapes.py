@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Draw the built-in synthetic detection dataset (COCO json + ImageFolder view), e.g.
+r"""Draw the built-in synthetic detection dataset (COCO json + ImageFolder view), e.g.
 
-    python tools/make_shapes.py --out datasets/shapes --num-train 400 --num-val 100 --size 128 --seed 0
+    python tools/make_shapes.py --out datasets/shapes --num-train 400 --num-val 100 \
+        --size 128 --seed 0
 """
 import os
 import sys
@@ -20,8 +21,12 @@ from transfer.shapes import make_shapes  # noqa: E402
 
 @exit_on_user_error
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="datasets/shapes", help="output directory (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", default="datasets/shapes", help="output directory (default: %(default)s)"
+    )
     p.add_argument("--num-train", type=int, default=400)
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -29,7 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="delete and regenerate a non-empty --out")
     args = p.parse_args(argv)
     try:
-        summary = make_shapes(args.out, args.num_train, args.num_val, args.size, args.seed, args.force)
+        summary = make_shapes(
+            args.out, args.num_train, args.num_val, args.size, args.seed, args.force
+        )
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from e
     print(json.dumps(summary, indent=2))

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Fine-tune and evaluate Faster R-CNN R50-FPN from converted weights (detectron2's train_net.py shape).
+r"""Fine-tune and evaluate Faster R-CNN R50-FPN from converted weights (detectron2's train_net.py
+shape).
 
     python tools/train_det.py --config configs/fpn_simo_1x.yaml --num-gpus 8 MODEL.WEIGHTS simo.pkl
-    python tools/train_det.py --config-file configs/shapes_fpn_cpu.yaml --num-gpus 1 MODEL.WEIGHTS w.pkl
+    python tools/train_det.py --config-file configs/shapes_fpn_cpu.yaml --num-gpus 1 \
+        MODEL.WEIGHTS w.pkl
     python tools/train_det.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
 """
 import os
@@ -74,13 +76,19 @@ def main(args):
 @exit_on_user_error
 def cli(argv=None):
     parser = default_argument_parser()
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
     parser.add_argument(
-        "--unsafe", action="store_true", help="allow MODEL.WEIGHTS files that need code execution to load"
+        "--config", dest="config_file", metavar="FILE", help="alias of --config-file"
+    )
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="allow MODEL.WEIGHTS files that need code execution to load",
     )
     args = parser.parse_args(argv)
     if args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
-        raise UserError(f"--num-gpus {args.num_gpus}: no GPU here; on CPU run detection with --num-gpus 1.")
+        raise UserError(
+            f"--num-gpus {args.num_gpus}: no GPU here; on CPU run detection with --num-gpus 1."
+        )
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
     launch(
         main,

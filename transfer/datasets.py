@@ -1,4 +1,5 @@
-"""Dataset registration for detection: the built-in shapes data and any COCO-format json + image dir."""
+"""Dataset registration for detection: the built-in shapes data and any COCO-format json + image
+dir."""
 from __future__ import annotations
 
 import os
@@ -13,18 +14,21 @@ from .shapes import CLASSES
 
 
 def datasets_root() -> str:
-    """detectron2's convention: builtin datasets live under $DETECTRON2_DATASETS (default ./datasets)."""
+    """detectron2's convention: builtin datasets live under $DETECTRON2_DATASETS (default
+    ./datasets)."""
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
 def register_coco_format(name: str, json_file: str, image_root: str) -> None:
-    """Register a COCO-format dataset once (re-registering the same name with the same files is a no-op)."""
+    """Register a COCO-format dataset once (re-registering the same name with the same files is a
+    no-op)."""
     root = datasets_root()
     json_file = json_file if os.path.isabs(json_file) else os.path.join(root, json_file)
     image_root = image_root if os.path.isabs(image_root) else os.path.join(root, image_root)
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
-        if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
+        same_json = getattr(meta, "json_file", None) == json_file
+        if same_json and getattr(meta, "image_root", None) == image_root:
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -61,8 +65,10 @@ def check_datasets(cfg: CfgNode) -> None:
             path = getattr(meta, attr, None)
             if path is not None and not os.path.exists(path):
                 hint = (
-                    f"run `python tools/make_shapes.py --out {os.path.join(datasets_root(), 'shapes')}` first"
+                    "run `python tools/make_shapes.py --out "
+                    f"{os.path.join(datasets_root(), 'shapes')}` first"
                     if name.startswith("shapes_")
-                    else "set DETECTRON2_DATASETS to the folder that holds it (see README, Full scale)"
+                    else "set DETECTRON2_DATASETS to the folder that holds it "
+                    "(see README, Full scale)"
                 )
                 raise UserError(f"dataset {name!r}: {attr} {path} not found; {hint}.")

@@ -60,11 +60,12 @@ def _looks_like_torchvision_or_pretrain(ckpt: Any) -> bool:
 
 
 def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) -> dict[str, Any]:
-    """Validate ``MODEL.WEIGHTS`` against the built model before any training; return its provenance.
+    """Validate ``MODEL.WEIGHTS`` against the built model before any training; return its
+    provenance.
 
-    Refuses (one sentence each): a missing file; a raw pretraining / torchvision checkpoint (it must go
-    through tools/convert.py first); weights whose backbone tensors have other shapes than this model's
-    (a different depth or width); weights that contain no tensor of this model at all.
+    Refuses (one sentence each): a missing file; a raw pretraining / torchvision checkpoint (it must
+    go through tools/convert.py first); weights whose backbone tensors have other shapes than this
+    model's (a different depth or width); weights that contain no tensor of this model at all.
     """
     path = cfg.MODEL.WEIGHTS
     if not path:
@@ -82,8 +83,9 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
         data = load_checkpoint(path, unsafe=unsafe)
         if _looks_like_torchvision_or_pretrain(data):
             raise UserError(
-                f"MODEL.WEIGHTS {path} is a pretraining/torchvision checkpoint, not detectron2 weights; "
-                f"run `python tools/convert.py {path} OUT.pkl --verify` first and pass OUT.pkl."
+                f"MODEL.WEIGHTS {path} is a pretraining/torchvision checkpoint, not detectron2 "
+                f"weights; run `python tools/convert.py {path} OUT.pkl --verify` first and pass "
+                "OUT.pkl."
             )
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
         raise UserError(f"MODEL.WEIGHTS {path}: not detectron2 weights (no 'model' dict inside).")
@@ -91,7 +93,8 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
     weights = data["model"]
     model = model.module if hasattr(model, "module") else model
     own = {k: v.shape for k, v in model.state_dict().items()}
-    bottom_up = {k[len("backbone.bottom_up.") :]: s for k, s in own.items() if k.startswith("backbone.bottom_up.")}
+    prefix = "backbone.bottom_up."
+    bottom_up = {k[len(prefix) :]: s for k, s in own.items() if k.startswith(prefix)}
     matched = 0
     for name, value in weights.items():
         # converted backbones use bare ResNet names (stem.*, res2.*); full detectors use model names
@@ -108,8 +111,8 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
         matched += 1
     if matched == 0:
         raise UserError(
-            f"MODEL.WEIGHTS {path}: none of its {len(weights)} tensors belongs to this model; was it "
-            "converted with tools/convert.py from a ResNet?"
+            f"MODEL.WEIGHTS {path}: none of its {len(weights)} tensors belongs to this model; "
+            "was it converted with tools/convert.py from a ResNet?"
         )
     provenance = dict(data.get("provenance") or {})
     provenance.setdefault("name", os.path.splitext(os.path.basename(path))[0])
@@ -117,7 +120,8 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation, safe/atomic checkpoints; everything else is detectron2's."""
+    """DefaultTrainer with COCO evaluation, safe/atomic checkpoints; everything else is
+    detectron2's."""
 
     unsafe_weights = False  # set from the CLI's --unsafe
 
@@ -130,8 +134,8 @@ class Trainer(DefaultTrainer):
         )
 
     def build_hooks(self) -> list:
-        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer just before it builds the hooks;
-        # swap in the atomic/safe one here so the PeriodicCheckpointer hook uses it too.
+        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer just before it builds the
+        # hooks; swap in the atomic/safe one here so the PeriodicCheckpointer hook uses it too.
         self.checkpointer = SafeDetectionCheckpointer(
             self._trainer.model,
             self.cfg.OUTPUT_DIR,
@@ -151,15 +155,22 @@ def fast_coco_eval_available() -> bool:
 
 
 def bbox_results(results: dict[str, Any]) -> dict[str, float]:
-    """The bbox metrics of the first test dataset from ``Trainer.test``'s (possibly nested) output."""
+    """The bbox metrics of the first test dataset from ``Trainer.test``'s (possibly nested)
+    output."""
     if "bbox" not in results and len(results) >= 1:
         results = next(iter(results.values()))
     bbox = results.get("bbox", {}) if isinstance(results, dict) else {}
     # COCOeval reports NaN when there is no prediction at all; JSON has no NaN, so that becomes null
-    return {k: (None if math.isnan(float(bbox[k])) else float(bbox[k])) for k in BBOX_KEYS if k in bbox}
+    return {
+        k: (None if math.isnan(float(bbox[k])) else float(bbox[k]))
+        for k in BBOX_KEYS
+        if k in bbox
+    }
 
 
-def write_results(cfg: CfgNode, results: dict[str, Any], provenance: dict[str, Any], iteration: int) -> str:
+def write_results(
+    cfg: CfgNode, results: dict[str, Any], provenance: dict[str, Any], iteration: int
+) -> str:
     """Write OUTPUT_DIR/results.json (docs/formats.md) and return its path."""
     record = {
         "kind": "detection",

@@ -1,4 +1,5 @@
-"""Every detection YAML merges, and the paper's transfer setting is really what fpn_simo_1x.yaml says."""
+"""Every detection YAML merges, and the paper's transfer setting is really what fpn_simo_1x.yaml
+says."""
 import glob
 import os
 
@@ -21,7 +22,8 @@ def test_there_are_detection_configs():
 def test_config_merges_with_paper_architecture(path):
     cfg = load_config(path, [])
     m = cfg.MODEL
-    assert m.META_ARCHITECTURE == "GeneralizedRCNN" and m.BACKBONE.NAME == "build_resnet_fpn_backbone"
+    assert m.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert m.BACKBONE.NAME == "build_resnet_fpn_backbone"
     assert m.RESNETS.DEPTH == 50
     assert (m.ROI_BOX_HEAD.NAME, m.ROI_BOX_HEAD.NUM_CONV, m.ROI_BOX_HEAD.NUM_FC) == (
         "FastRCNNConvFCHead", 4, 1)  # fmt: skip
@@ -40,7 +42,8 @@ def test_fpn_simo_1x_is_the_paper_schedule():
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
     assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice" and cfg.INPUT.MIN_SIZE_TEST == 800
     s = cfg.SOLVER
-    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS)) == (16, 0.02, 90000, (60000, 80000))
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, tuple(s.STEPS)) == (
+        16, 0.02, 90000, (60000, 80000))  # fmt: skip
     assert s.WARMUP_ITERS > 0
     # 1x = ~12 epochs of COCO train2017 (118,287 images)
     assert 12 <= s.MAX_ITER * s.IMS_PER_BATCH / 118287 < 12.5

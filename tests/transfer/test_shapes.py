@@ -39,7 +39,9 @@ def test_same_seed_same_bytes_other_seed_differs(shapes, tmp_path):
     other = str(tmp_path / "other")
     make_shapes(other, num_train=120, num_val=30, size=96, seed=4)
     assert not filecmp.cmp(
-        os.path.join(shapes, "train", "000000.jpg"), os.path.join(other, "train", "000000.jpg"), shallow=False
+        os.path.join(shapes, "train", "000000.jpg"),
+        os.path.join(other, "train", "000000.jpg"),
+        shallow=False,
     )
 
 

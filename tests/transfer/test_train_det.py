@@ -81,7 +81,8 @@ def test_train_resume_and_eval_only(datasets, tmp_path):
     # --eval-only on the final weights reproduces the final evaluation of training exactly
     ev = str(tmp_path / "eval")
     r = train_det(datasets, "--config-file", CONFIG, "--eval-only", *FAST,
-                  "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ev)  # fmt: skip
+                  "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+                  "OUTPUT_DIR", ev)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert results(ev)["bbox"] == pytest.approx(results(out)["bbox"], abs=1e-6)
 
