@@ -38,7 +38,7 @@ bench: install
 
 lint: install
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check --line-length 100 pretrain transfer tools tests bench
+	$(PY) -m ruff check --line-length 100 --select E,F,W pretrain transfer tools tests bench
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Overhead of the detection engine (transfer.trainer.Trainer = detectron2 DefaultTrainer + our hooks)
-against a minimal plain-PyTorch loop over the same model, data loader and optimizer, in one process.
+"""Overhead of the detection engine (transfer.trainer.Trainer = detectron2 DefaultTrainer + our
+hooks) against a minimal plain-PyTorch loop over the same model, data loader and optimizer, in
+one process.
 
     python bench/det_step.py [--iters 10] [--size 128] [--batch 4]
 

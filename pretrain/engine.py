@@ -213,7 +213,9 @@ class AtomicCheckpointer(Checkpointer):
             stale = remove_stale_temp_files(self.save_dir)
             if stale:
                 self.logger.info(
-                    "Removed %d partial file(s) of interrupted saves: %s", len(stale), ", ".join(stale)
+                    "Removed %d partial file(s) of interrupted saves: %s",
+                    len(stale),
+                    ", ".join(stale),
                 )
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:

@@ -80,9 +80,9 @@ def remove_stale_temp_files(directory: str) -> list[str]:
 def load_checkpoint(path: str, unsafe: bool = False) -> Any:
     """Load a checkpoint that may come from a stranger.
 
-    Uses ``torch.load(weights_only=True)``, which can only build tensors and plain containers. A file
-    that would need arbitrary code execution to load is refused unless ``unsafe=True`` (the CLIs'
-    ``--unsafe`` flag), which the user should only pass for files they trust.
+    Uses ``torch.load(weights_only=True)``, which can only build tensors and plain containers. A
+    file that would need arbitrary code execution to load is refused unless ``unsafe=True`` (the
+    CLIs' ``--unsafe`` flag), which the user should only pass for files they trust.
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; check the path.")
@@ -105,8 +105,10 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
             "pass --unsafe only if you trust its author."
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        # torch's messages for non-checkpoints are long or cryptic ("KeyError: 101"): keep the sentence
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (is it the right file?).") from e
+        # torch's messages for non-checkpoints are long or cryptic ("KeyError: 101"): one sentence
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint (is it the right file?)."
+        ) from e
 
 
 class _WeightsUnpickler(pickle.Unpickler):
@@ -146,10 +148,13 @@ def load_weights_pickle(path: str, unsafe: bool = False) -> Any:
             return _WeightsUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
             raise UserError(
-                f"{path}: not a plain weights pickle ({e}); pass --unsafe only if you trust its author."
+                f"{path}: not a plain weights pickle ({e}); "
+                "pass --unsafe only if you trust its author."
             ) from e
         except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-            raise UserError(f"{path}: not a readable weights pickle ({type(e).__name__}: {e}).") from e
+            raise UserError(
+                f"{path}: not a readable weights pickle ({type(e).__name__}: {e})."
+            ) from e
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -43,7 +43,7 @@ def messy(tmp_path_factory):
 
 
 def _merge(cfg, opts):
-    cfg.merge_from_list([str(x) if not isinstance(x, list) else x for kv in opts.items() for x in kv])
+    cfg.merge_from_list([x if isinstance(x, list) else str(x) for kv in opts.items() for x in kv])
     return cfg
 
 
