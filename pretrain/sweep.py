@@ -13,10 +13,18 @@ degrades as K shrinks. :func:`run_sweep` measures both:
   from a clean process (loggers, seeds, threads), and a cell is finished exactly when its
   ``lincls/results.json`` exists, so re-running the sweep skips finished cells and resumes a
   half-trained one from its last checkpoint;
-* ``OUT/sweep.csv`` (one row per cell x seed), ``OUT/sweep.md`` (top-1 mean +- std per (loss, K)),
-  ``OUT/sweep.png`` (top-1 and gradient norm vs K, log-x, one line per loss, error bars over seeds).
+* the reference the top-1 is read against (unless ``baseline=False``): per seed s, a randomly
+  initialised backbone (torchvision's ``MODEL.ARCH`` built right after ``torch.manual_seed(s)``,
+  saved once as ``random_init.pth``) under the identical linear evaluation (same config, overrides
+  and SEED as the cells, ``--cached-features``); cheap, so the sweep runs these first, and each is
+  finished exactly when its ``lincls/results.json`` exists, like a cell;
+* ``OUT/sweep.csv`` (one row per cell x seed, then one ``random_init`` row per seed with top-1/top-5
+  only), ``OUT/sweep.md`` (top-1 mean +- std per (loss, K), then the random-init top-1),
+  ``OUT/sweep.png`` (top-1 and gradient norm vs K, log-x, one line per loss, error bars over seeds;
+  the random-init top-1 as a dashed grey line with a +-std band).
 
-Layout: ``OUT/cells/<loss>_k<K>_s<seed>/{pretrain,lincls}/`` (each a normal OUTPUT_DIR).
+Layout: ``OUT/cells/<loss>_k<K>_s<seed>/{pretrain,lincls}/`` (each a normal OUTPUT_DIR) and
+``OUT/baseline/random_init_s<seed>/{random_init.pth,lincls/}``.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -39,12 +47,15 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from pretrain.config import load_pretrain_cfg
-from pretrain.io import UserError, atomic_write_text, exit_on_user_error
+from pretrain.io import UserError, atomic_save, atomic_write_text, exit_on_user_error
 
 __all__ = [
     "QueryGradNormHook",
     "SweepCell",
+    "SweepBaseline",
+    "SweepPlan",
     "plan_sweep",
+    "write_random_init",
     "run_sweep",
     "collect_rows",
     "write_csv",
@@ -53,6 +64,7 @@ __all__ = [
     "summarize",
     "CSV_COLUMNS",
     "SWEEP_LOSSES",
+    "BASELINE_LOSS",
     "cell_main",
 ]
 
@@ -60,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 # the losses whose K-dependence the sweep compares: InfoNCE (alpha = K) and EqCo (alpha fixed)
 SWEEP_LOSSES = ("infonce", "eqco")
+# the ``loss`` column of the random-init baseline's rows (no loss of pretrain.losses has this name)
+BASELINE_LOSS = "random_init"
 CSV_COLUMNS = (
     "loss",
     "k",
@@ -236,6 +250,22 @@ class SweepCell:
         return opts
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepBaseline:
+    """The reference for the cells of seed ``seed``: a randomly initialised ``arch`` (no
+    pretraining) under the same linear evaluation."""
+
+    arch: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{BASELINE_LOSS}_s{self.seed}"
+
+
+SweepEntry = Union[SweepCell, SweepBaseline]
+
+
 def _cell_alpha(loss: str, k: int, alpha: float) -> float:
     return float(alpha) if loss == "eqco" else float(k) if loss == "infonce" else math.nan
 
@@ -251,13 +281,15 @@ def _unique(values: Iterable[Any]) -> List[Any]:
 @dataclasses.dataclass
 class SweepPlan:
     """Everything :func:`run_sweep` needs, validated: the cells with their configs and the exact
-    command lines of their two stages."""
+    command lines of their two stages, and the random-init baselines (one per seed, or none) with
+    their linear-eval command lines (``lincls_cmds`` holds both, by name)."""
 
     out: str
     cells: List[SweepCell]
     pretrain_cfgs: Dict[str, Any]  # cell name -> frozen pretraining config
     pretrain_cmds: Dict[str, List[str]]
-    lincls_cmds: Dict[str, List[str]]
+    lincls_cmds: Dict[str, List[str]]  # cell or baseline name -> command line
+    baselines: List[SweepBaseline] = dataclasses.field(default_factory=list)
 
     def cell_dir(self, cell: SweepCell) -> str:
         return os.path.join(self.out, "cells", cell.name)
@@ -265,12 +297,25 @@ class SweepPlan:
     def pretrain_dir(self, cell: SweepCell) -> str:
         return os.path.join(self.cell_dir(cell), "pretrain")
 
-    def lincls_dir(self, cell: SweepCell) -> str:
-        return os.path.join(self.cell_dir(cell), "lincls")
+    def baseline_dir(self, baseline: SweepBaseline) -> str:
+        return os.path.join(self.out, "baseline", baseline.name)
 
-    def finished(self, cell: SweepCell) -> bool:
-        """A cell is finished exactly when its linear evaluation wrote ``results.json``."""
-        return os.path.isfile(os.path.join(self.lincls_dir(cell), "results.json"))
+    def random_init_path(self, baseline: SweepBaseline) -> str:
+        """The baseline's weights (its MODEL.WEIGHTS), written by :func:`write_random_init`."""
+        return os.path.join(self.baseline_dir(baseline), "random_init.pth")
+
+    def entry_dir(self, entry: SweepEntry) -> str:
+        if isinstance(entry, SweepBaseline):
+            return self.baseline_dir(entry)
+        return self.cell_dir(entry)
+
+    def lincls_dir(self, entry: SweepEntry) -> str:
+        return os.path.join(self.entry_dir(entry), "lincls")
+
+    def finished(self, entry: SweepEntry) -> bool:
+        """A cell or baseline is finished exactly when its linear evaluation wrote
+        ``results.json``."""
+        return os.path.isfile(os.path.join(self.lincls_dir(entry), "results.json"))
 
 
 def plan_sweep(
@@ -285,12 +330,15 @@ def plan_sweep(
     lincls_opts: Optional[Sequence[str]] = None,
     launch_args: Optional[Sequence[str]] = None,
     python: str = sys.executable,
+    baseline: bool = True,
 ) -> SweepPlan:
     """Validate every cell's pretraining and linear-eval config (so a K larger than the batch or
     a typo fails in a second, before hours of training) and build their command lines.
 
     The linear evaluation inherits MODEL.ARCH, INPUT.SIZE, DATASETS.ROOT / TRAIN_SPLIT and SEED
-    from the cell's pretraining config; ``lincls_opts`` come after them (and win)."""
+    from the cell's pretraining config; ``lincls_opts`` come after them (and win). With
+    ``baseline``, each seed s also gets the random-init baseline ``random_init_s<s>``: the same
+    linear-eval command with MODEL.WEIGHTS its ``random_init.pth`` and NAME "random init"."""
     # imported here: pretrain.lincls pulls in transfer/, which the hook alone does not need
     from pretrain.lincls import load_lincls_cfg
     from pretrain.losses import LOSSES
@@ -320,6 +368,28 @@ def plan_sweep(
         SweepCell(x, k, _cell_alpha(x, k, alpha), s) for x in losses for k in ks for s in seeds
     ]
     plan = SweepPlan(out, cells, {}, {}, {})
+
+    def add_lincls(name: str, cfg: Any, seed: int, last: List[str], what: str) -> None:
+        """Validate and record the linear-eval command of a cell or baseline: the keys inherited
+        from the pretraining config ``cfg``, then ``lincls_opts``, then ``last`` (these win)."""
+        lin_opts = [
+            "MODEL.ARCH", cfg.MODEL.ARCH,
+            "INPUT.SIZE", str(cfg.INPUT.SIZE),
+            "DATASETS.ROOT", os.path.abspath(cfg.DATASETS.ROOT),
+            "DATASETS.TRAIN_SPLIT", cfg.DATASETS.TRAIN_SPLIT,
+            "SEED", str(seed),
+        ] + lincls_opts + last  # fmt: skip
+        try:
+            load_lincls_cfg(lincls_config, lin_opts)
+        except UserError as e:
+            raise UserError(f"linear evaluation of {what}: {e}") from e
+        plan.lincls_cmds[name] = (
+            [python, lincls_script, "--config-file", os.path.abspath(lincls_config)]
+            + ["--cached-features", "--resume"]
+            + launch_args
+            + lin_opts
+        )
+
     for cell in cells:
         pre_dir = plan.pretrain_dir(cell)
         cell_opts = opts + cell.overrides() + ["OUTPUT_DIR", pre_dir, "NAME", cell.name]
@@ -340,26 +410,24 @@ def plan_sweep(
             + launch_args
             + cell_opts
         )
-        lin_opts = [
-            "MODEL.ARCH", cfg.MODEL.ARCH,
-            "INPUT.SIZE", str(cfg.INPUT.SIZE),
-            "DATASETS.ROOT", os.path.abspath(cfg.DATASETS.ROOT),
-            "DATASETS.TRAIN_SPLIT", cfg.DATASETS.TRAIN_SPLIT,
-            "SEED", str(cell.seed),
-        ] + lincls_opts + [
-            "MODEL.WEIGHTS", os.path.join(pre_dir, "model_final.pth"),
-            "OUTPUT_DIR", plan.lincls_dir(cell),
-        ]  # fmt: skip
-        try:
-            load_lincls_cfg(lincls_config, lin_opts)
-        except UserError as e:
-            raise UserError(f"linear evaluation of cell {cell.name}: {e}") from e
-        plan.lincls_cmds[cell.name] = (
-            [python, lincls_script, "--config-file", os.path.abspath(lincls_config)]
-            + ["--cached-features", "--resume"]
-            + launch_args
-            + lin_opts
-        )
+        add_lincls(
+            cell.name, cfg, cell.seed,
+            ["MODEL.WEIGHTS", os.path.join(pre_dir, "model_final.pth")]
+            + ["OUTPUT_DIR", plan.lincls_dir(cell)],
+            f"cell {cell.name}",
+        )  # fmt: skip
+    if baseline:
+        for s in seeds:
+            # the cells differ only in LOSS.* and SEED: any cell of seed s has the inherited keys
+            cfg = plan.pretrain_cfgs[next(c.name for c in cells if c.seed == s)]
+            base = SweepBaseline(cfg.MODEL.ARCH, s)
+            plan.baselines.append(base)
+            add_lincls(
+                base.name, cfg, s,
+                ["MODEL.WEIGHTS", plan.random_init_path(base)]
+                + ["OUTPUT_DIR", plan.lincls_dir(base), "NAME", "random init"],
+                f"the random-init baseline {base.name}",
+            )  # fmt: skip
     return plan
 
 
@@ -463,53 +531,94 @@ def run_cell(
             )
         finally:
             _add_seconds(timing, "pretrain_seconds", time.perf_counter() - start)
+    _run_lincls(plan, cell, f"cell {cell.name}", on_poll)
+
+
+def _run_lincls(
+    plan: SweepPlan, entry: SweepEntry, what: str, on_poll: Optional[Callable[[str], None]]
+) -> None:
+    """The linear-eval stage of a cell or baseline; its wall time accumulates in
+    ``<entry>/timing.json`` (``lincls_seconds``)."""
+    entry_dir = plan.entry_dir(entry)
     if on_poll is not None:
-        on_poll(f"{cell.name}: linear eval")
+        on_poll(f"{entry.name}: linear eval")
     start = time.perf_counter()
     try:
         _run_stage(
-            plan.lincls_cmds[cell.name],
-            os.path.join(cell_dir, "lincls.out"),
-            f"linear evaluation of cell {cell.name}",
-            (lambda: on_poll(f"{cell.name}: linear eval")) if on_poll else None,
+            plan.lincls_cmds[entry.name],
+            os.path.join(entry_dir, "lincls.out"),
+            f"linear evaluation of {what}",
+            (lambda: on_poll(f"{entry.name}: linear eval")) if on_poll else None,
         )
     finally:
-        _add_seconds(timing, "lincls_seconds", time.perf_counter() - start)
+        _add_seconds(
+            os.path.join(entry_dir, "timing.json"), "lincls_seconds", time.perf_counter() - start
+        )
+
+
+def write_random_init(arch: str, seed: int, path: str) -> str:
+    """Save (atomically) the state dict of ``getattr(torchvision.models, arch)()`` built right
+    after ``torch.manual_seed(seed)``: torchvision's own initialisation, the same tensors for the
+    same seed (and torch version). The caller's random state is left as it was."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = getattr(torchvision.models, arch)()
+    atomic_save(net.state_dict(), path)
+    return path
+
+
+def run_baseline(
+    plan: SweepPlan, baseline: SweepBaseline, on_poll: Optional[Callable[[str], None]] = None
+) -> None:
+    """Write the baseline's ``random_init.pth`` unless it exists, then linear-evaluate it."""
+    os.makedirs(plan.baseline_dir(baseline), exist_ok=True)
+    weights = plan.random_init_path(baseline)
+    if not os.path.isfile(weights):
+        write_random_init(baseline.arch, baseline.seed, weights)
+    _run_lincls(plan, baseline, f"the random-init baseline {baseline.name}", on_poll)
 
 
 def run_sweep(plan: SweepPlan, train: bool = True, progress: bool = True) -> Dict[str, Any]:
-    """Run every unfinished cell of ``plan`` (one tqdm bar over the whole sweep, ETA from the
-    cells run so far), rewriting ``sweep.csv`` / ``sweep.md`` / ``sweep.png`` after each cell so
-    partial results are visible. With ``train=False`` only the outputs are (re)written.
+    """Run every unfinished random-init baseline of ``plan`` (first: cheap, and the reference
+    for every top-1 that follows), then every unfinished cell, with one tqdm bar over both (its
+    ETA is from the runs so far, so it is low while the baselines run), rewriting ``sweep.csv`` /
+    ``sweep.md`` / ``sweep.png`` after each so partial results are visible. With
+    ``train=False`` only the outputs are (re)written.
 
-    Returns ``{"ran": [names], "skipped": [names], "rows": csv rows, "files": paths}``."""
+    Returns ``{"ran": [names], "skipped": [names], "rows": csv rows, "files": paths}`` (names of
+    baselines and cells, baselines first)."""
     from tqdm import tqdm
 
     os.makedirs(plan.out, exist_ok=True)
-    done = [c for c in plan.cells if plan.finished(c)]
-    todo = [c for c in plan.cells if not plan.finished(c)] if train else []
+    entries: List[SweepEntry] = [*plan.baselines, *plan.cells]
+    done = [e for e in entries if plan.finished(e)]
+    todo = [e for e in entries if not plan.finished(e)] if train else []
     if done:
         logger.info(
-            "K-sweep: %d of %d cells already finished, skipped: %s",
+            "K-sweep: %d of %d runs (cells and random-init baselines) already finished, "
+            "skipped: %s",
             len(done),
-            len(plan.cells),
-            " ".join(c.name for c in done),
+            len(entries),
+            " ".join(e.name for e in done),
         )
     ran: List[str] = []
     if todo:
         bar = tqdm(
-            total=len(plan.cells),
+            total=len(entries),
             initial=len(done),
             desc="K-sweep",
-            unit="cell",
+            unit="run",
             disable=not progress,
             dynamic_ncols=True,
         )
         try:
-            for cell in todo:
-                bar.set_postfix_str(cell.name, refresh=True)
-                run_cell(plan, cell, on_poll=lambda s: bar.set_postfix_str(s, refresh=True))
-                ran.append(cell.name)
+            for entry in todo:
+                bar.set_postfix_str(entry.name, refresh=True)
+                run = run_baseline if isinstance(entry, SweepBaseline) else run_cell
+                run(plan, entry, on_poll=lambda s: bar.set_postfix_str(s, refresh=True))
+                ran.append(entry.name)
                 bar.update(1)
                 write_outputs(plan)
         finally:
@@ -517,8 +626,8 @@ def run_sweep(plan: SweepPlan, train: bool = True, progress: bool = True) -> Dic
     files = write_outputs(plan)
     rows = collect_rows(plan)
     if not rows:
-        logger.warning("K-sweep: no finished cell yet; nothing to tabulate.")
-    return {"ran": ran, "skipped": [c.name for c in done], "rows": rows, "files": files}
+        logger.warning("K-sweep: no finished cell or baseline yet; nothing to tabulate.")
+    return {"ran": ran, "skipped": [e.name for e in done], "rows": rows, "files": files}
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,7 +657,8 @@ def read_grad_norms(metrics_path: str) -> List[float]:
 def collect_rows(plan: SweepPlan) -> List[Dict[str, Any]]:
     """One row per finished cell (CSV_COLUMNS): top-1/top-5 of the linear evaluation, the final
     pretraining loss, ``grad_norm`` = mean of the logged ``grad_norm_q`` over the run, and the
-    wall time of the pretraining subprocess(es)."""
+    wall time of the pretraining subprocess(es); then one row per finished random-init baseline:
+    loss ``random_init``, its seed, top-1/top-5, the rest NaN (empty in the csv)."""
     rows = []
     for cell in plan.cells:
         if not plan.finished(cell):
@@ -570,6 +680,18 @@ def collect_rows(plan: SweepPlan) -> List[Dict[str, Any]]:
                 "pretrain_seconds": _float(timing.get("pretrain_seconds")),
             }
         )
+    for base in plan.baselines:
+        if not plan.finished(base):
+            continue
+        lin = _read_json(os.path.join(plan.lincls_dir(base), "results.json")) or {}
+        row: Dict[str, Any] = {c: math.nan for c in CSV_COLUMNS}
+        row.update(
+            loss=BASELINE_LOSS,
+            seed=base.seed,
+            top1=_float(lin.get("top1")),
+            top5=_float(lin.get("top5")),
+        )
+        rows.append(row)
     return rows
 
 
@@ -591,11 +713,25 @@ def _mean_std(values: List[float]) -> tuple:
     return mean, math.sqrt(var), len(values)
 
 
+def _split_rows(
+    rows: List[Dict[str, Any]],
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """``(cell rows, random-init baseline rows)``."""
+    cells = [r for r in rows if r["loss"] != BASELINE_LOSS]
+    return cells, [r for r in rows if r["loss"] == BASELINE_LOSS]
+
+
+def baseline_top1(rows: List[Dict[str, Any]]) -> tuple:
+    """``(mean, std, n)`` of the random-init baseline's top-1 over seeds (sample std)."""
+    return _mean_std([r["top1"] for r in _split_rows(rows)[1]])
+
+
 def summarize(rows: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, float]]:
     """``(loss, k) -> {"top1": (mean, std, n), "top5": ..., "grad_norm": ..., "final_loss": ...}``
-    over seeds (sample std), in the order the cells first appear."""
+    over seeds (sample std), in the order the cells first appear; the random-init baseline's rows
+    are left out (see :func:`baseline_top1`)."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for r in rows:
+    for r in _split_rows(rows)[0]:
         groups.setdefault((r["loss"], r["k"]), []).append(r)
     return {
         key: {m: _mean_std([r[m] for r in rs]) for m in ("top1", "top5", "grad_norm", "final_loss")}
@@ -622,19 +758,24 @@ def _fmt(stat: tuple, digits: int) -> str:
 
 
 def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> str:
-    """Top-1 (and the gradient norm, final loss) mean ± sample std over seeds per (loss, K)."""
+    """Top-1 (and the gradient norm, final loss) mean ± sample std over seeds per (loss, K);
+    after the top-1 table, the random-init baseline's top-1 (mean ± sample std over seeds)."""
+    cell_rows, base_rows = _split_rows(rows)
     stats = summarize(rows)
-    losses = _unique(r["loss"] for r in rows)
-    ks = sorted(_unique(r["k"] for r in rows))
+    losses = _unique(r["loss"] for r in cell_rows)
+    ks = sorted(_unique(r["k"] for r in cell_rows))
     any_cfg = next(iter(plan.pretrain_cfgs.values()))
     alphas = {c.loss: c.alpha for c in plan.cells}
     head = " | ".join(_loss_label(x, alphas) for x in losses)
+    finished = f"{len(cell_rows)} of {len(plan.cells)} cells"
+    if plan.baselines:
+        finished += f" and {len(base_rows)} of {len(plan.baselines)} random-init baselines"
     lines = [
         "# K-sweep: linear-eval top-1 vs negatives per query",
         "",
         f"SiMo {any_cfg.MODEL.ARCH}, {any_cfg.INPUT.SIZE} px, global batch "
         f"N={any_cfg.SOLVER.IMS_PER_BATCH}, data {any_cfg.DATASETS.ROOT}; "
-        f"{len(rows)} of {len(plan.cells)} cells finished. Mean ± sample std over seeds.",
+        f"{finished} finished. Mean ± sample std over seeds.",
         "",
     ]
     for title, metric, digits in (
@@ -642,15 +783,31 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
         ("Gradient norm of the loss w.r.t. q (mean over training)", "grad_norm", 3),
         ("Final pretraining loss", "final_loss", 3),
     ):
-        lines += [f"## {title}", "", f"| K | {head} |", "|---|" + "---|" * len(losses)]
+        lines += [f"## {title}", ""]
+        if cell_rows:
+            lines += [f"| K | {head} |", "|---|" + "---|" * len(losses)]
+        else:
+            lines.append("No cell finished yet.")
         for k in ks:
             entries = [
                 _fmt(stats[(x, k)][metric], digits) if (x, k) in stats else "n/a" for x in losses
             ]
             lines.append(f"| {k} | " + " | ".join(entries) + " |")
         lines.append("")
+        if metric == "top1" and plan.baselines:
+            lines += [
+                f"Random-init {_arch_label(plan.baselines[0].arch)}, same linear evaluation: "
+                f"top-1 {_fmt(baseline_top1(rows), 2)}",
+                "",
+            ]
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _arch_label(arch: str) -> str:
+    """``resnet18`` -> ``ResNet-18``; other torchvision names as they are."""
+    digits = arch[len("resnet") :]
+    return f"ResNet-{digits}" if arch.startswith("resnet") and digits.isdigit() else arch
 
 
 def _loss_label(loss: str, alphas: Dict[str, float]) -> str:
@@ -660,16 +817,19 @@ def _loss_label(loss: str, alphas: Dict[str, float]) -> str:
 
 
 def write_plot(rows: List[Dict[str, Any]], path: str) -> str:
-    """Top-1 and gradient norm vs K (log-x), one line per loss, error bars = std over seeds."""
+    """Top-1 and gradient norm vs K (log-x), one line per loss, error bars = std over seeds; on
+    the top-1 axis the random-init baseline's mean top-1 (dashed grey) with a ± std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cell_rows, _ = _split_rows(rows)
     stats = summarize(rows)
-    losses = _unique(r["loss"] for r in rows)
-    ks = sorted(_unique(r["k"] for r in rows))
-    alphas = {r["loss"]: r["alpha"] for r in rows}
+    losses = _unique(r["loss"] for r in cell_rows)
+    ks = sorted(_unique(r["k"] for r in cell_rows))
+    alphas = {r["loss"]: r["alpha"] for r in cell_rows}
+    base_mean, base_std, base_n = baseline_top1(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in (
         (axes[0], "top1", "linear-eval top-1 (%)"),
@@ -687,13 +847,18 @@ def write_plot(rows: List[Dict[str, Any]], path: str) -> str:
                     capsize=3,
                     label=_loss_label(x, alphas),
                 )
-        ax.set_xscale("log", base=2)
+        if metric == "top1" and base_n > 0:
+            ax.axhspan(base_mean - base_std, base_mean + base_std, color="grey", alpha=0.2, lw=0)
+            ax.axhline(base_mean, color="grey", linestyle="--", label="random init")
+        if ks:  # a log axis needs positive data; with only baselines finished there is no K
+            ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_xlabel("K (negatives per query)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend()
     axes[0].set_title("top-1 vs K")
     axes[1].set_title("gradient norm w.r.t. q vs K")
     fig.tight_layout()
@@ -706,7 +871,7 @@ def write_plot(rows: List[Dict[str, Any]], path: str) -> str:
 
 def write_outputs(plan: SweepPlan) -> Dict[str, str]:
     """``sweep.csv``, ``sweep.md``, ``sweep.png`` in the sweep's directory, from the finished
-    cells (the csv always; the table and plot once a cell is finished)."""
+    cells and baselines (the csv always; the table and plot once either is finished)."""
     rows = collect_rows(plan)
     files = {"csv": write_csv(rows, os.path.join(plan.out, "sweep.csv"))}
     if rows:

@@ -1,16 +1,22 @@
 #!/usr/bin/env python
 """K-sweep: SiMo pretraining + linear evaluation (cached features) for every (loss, K, seed), e.g.
 
-    python tools/make_shapes.py --out datasets/shapes_sweep --num-train 2304 --num-val 1000 --size 128
+    python tools/make_shapes.py --out datasets/shapes_sweep \\
+        --num-train 2304 --num-val 1000 --size 128
     python tools/sweep.py --config-file configs/pretrain/sweep_shapes_cpu.yaml \\
         --k 4 16 64 256 --loss infonce eqco --alpha 256 --seeds 0 1 2 --out output/sweep
     python tools/sweep.py ... --out output/sweep SOLVER.EPOCHS 2      # KEY VALUE: pretraining cfg
     python tools/sweep.py ... --lincls-opt SOLVER.EPOCHS 50            # linear-eval cfg overrides
-    python tools/sweep.py ... --eval-only      # only rewrite sweep.csv/md/png from finished cells
+    python tools/sweep.py ... --eval-only      # only rewrite sweep.csv/md/png from finished runs
+    python tools/sweep.py ... --no-baseline    # without the random-init baseline
 
-Re-running the same command skips finished cells (those with cells/<cell>/lincls/results.json) and
-resumes an interrupted one from its last checkpoint. Writes OUT/sweep.csv, OUT/sweep.md and
-OUT/sweep.png; each cell's runs are in OUT/cells/<loss>_k<K>_s<seed>/{pretrain,lincls}/.
+Before the cells, a random-init baseline per seed: a randomly initialised MODEL.ARCH (torchvision's
+init after torch.manual_seed(seed)) under the same linear evaluation, the reference the cells'
+top-1 is read against. Re-running the same command skips finished cells and baselines (those with
+lincls/results.json) and resumes an interrupted cell from its last checkpoint. Writes
+OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png; each cell's runs are in
+OUT/cells/<loss>_k<K>_s<seed>/{pretrain,lincls}/, each baseline's in
+OUT/baseline/random_init_s<seed>/{random_init.pth,lincls/}.
 """
 import os
 import re
@@ -70,8 +76,13 @@ def main(argv=None) -> None:
         metavar=("KEY", "VALUE"),
         help="a linear-eval config override (repeatable)",
     )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the random-init baseline (a randomly initialised backbone, same linear eval)",
+    )
     args = parser.parse_args(argv)
-    # --eval-only here: rewrite the outputs from the finished cells, train nothing; the sweep
+    # --eval-only here: rewrite the outputs from the finished runs, train nothing; the sweep
     # always resumes, so --resume changes nothing
     trailing = []
     ks, rest = _split_values(args.k, _is_int)
@@ -94,10 +105,12 @@ def main(argv=None) -> None:
         lincls_config=args.lincls_config,
         lincls_opts=[x for kv in args.lincls_opt for x in kv],
         launch_args=["--num-gpus", str(args.num_gpus)] if args.num_gpus > 1 else [],
+        baseline=not args.no_baseline,
     )
     result = run_sweep(plan, train=not args.eval_only)
     print(
-        f"K-sweep: ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
+        f"K-sweep: ran {len(result['ran'])} cell(s)/baseline(s), skipped "
+        f"{len(result['skipped'])} finished; "
         + ", ".join(result["files"].values())
     )
 

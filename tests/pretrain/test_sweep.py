@@ -1,6 +1,9 @@
-"""pretrain.sweep: the gradient-norm probe equals autograd, bad sweeps fail before running, and a
-2-cell sweep writes sweep.csv/md/png and skips (or completes) finished cells on re-run."""
+"""pretrain.sweep: the gradient-norm probe equals autograd, bad sweeps fail before running, the
+random-init baseline is planned (or not, --no-baseline) with the cells' linear-eval command and its
+weights are deterministic per seed, and a 2-cell sweep with its baseline writes sweep.csv/md/png and
+skips (or completes) finished cells and baselines on re-run."""
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -15,7 +18,14 @@ from detectron2.utils.events import EventStorage
 from pretrain.config import get_pretrain_cfg
 from pretrain.io import UserError
 from pretrain.methods import build_method
-from pretrain.sweep import CSV_COLUMNS, QueryGradNormHook, plan_sweep, run_sweep
+from pretrain.sweep import (
+    CSV_COLUMNS,
+    QueryGradNormHook,
+    SweepBaseline,
+    plan_sweep,
+    run_sweep,
+    write_random_init,
+)
 from transfer.shapes import make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,6 +122,86 @@ def test_cli_refuses_bad_input_with_one_sentence(shapes, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def _opts_without(cmd, keys):
+    """``cmd`` minus the ``KEY VALUE`` pairs of ``keys`` (and their values)."""
+    out, skip = [], False
+    for i, x in enumerate(cmd):
+        if skip:
+            skip = False
+        elif x in keys and i > cmd.index("--resume"):
+            skip = True
+        else:
+            out.append(x)
+    return out
+
+
+def test_baseline_is_planned_per_seed_with_the_cells_linear_eval(shapes, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    kw = dict(
+        ks=[4], losses=["infonce", "eqco"], seeds=[0, 1], out=str(out),
+        opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG, lincls_opts=TINY_LINCLS,
+    )  # fmt: skip
+    plan = plan_sweep(SWEEP_CFG, **kw)
+    assert plan.baselines == [SweepBaseline("resnet18", 0), SweepBaseline("resnet18", 1)]
+    for base in plan.baselines:
+        name = f"random_init_s{base.seed}"
+        assert base.name == name
+        base_dir = out / "baseline" / name
+        assert plan.random_init_path(base) == str(base_dir / "random_init.pth")
+        assert plan.lincls_dir(base) == str(base_dir / "lincls")
+        cmd = plan.lincls_cmds[name]
+        opts = dict(zip(cmd[cmd.index("--resume") + 1 :: 2], cmd[cmd.index("--resume") + 2 :: 2]))
+        assert opts["MODEL.WEIGHTS"] == str(base_dir / "random_init.pth")
+        assert opts["OUTPUT_DIR"] == str(base_dir / "lincls")
+        assert opts["NAME"] == "random init" and opts["SEED"] == str(base.seed)
+        # the same command as the cells of its seed, weights, output and name aside
+        changed = ("MODEL.WEIGHTS", "OUTPUT_DIR", "NAME")
+        for cell in plan.cells:
+            if cell.seed == base.seed:
+                assert _opts_without(cmd, changed) == _opts_without(
+                    plan.lincls_cmds[cell.name], changed
+                )
+    assert not out.exists()  # planning writes nothing
+
+    no_base = plan_sweep(SWEEP_CFG, baseline=False, **kw)
+    assert no_base.baselines == []
+    assert sorted(no_base.lincls_cmds) == sorted(c.name for c in no_base.cells)
+
+    # tools/sweep.py --no-baseline plans none, the default plans one per seed
+    spec = importlib.util.spec_from_file_location("sweep_cli", os.path.join(ROOT, "tools/sweep.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    planned = []
+
+    def fake_run_sweep(plan, train=True):
+        planned.append(plan)
+        return {"ran": [], "skipped": [], "rows": [], "files": {}}
+
+    monkeypatch.setattr(cli, "run_sweep", fake_run_sweep)
+    # setup_logger would stop the "pretrain" loggers propagating (caplog in other tests)
+    monkeypatch.setattr(cli, "setup_logger", lambda **kw: None)
+    argv = ["--config-file", SWEEP_CFG, "--k", "4", "--loss", "eqco", "--seeds", "0", "1"]
+    argv += ["--out", str(out), "--lincls-config", LINCLS_CFG, "DATASETS.ROOT", shapes] + TINY
+    cli.main(argv)
+    cli.main(["--no-baseline"] + argv)
+    assert [b.name for b in planned[0].baselines] == ["random_init_s0", "random_init_s1"]
+    assert planned[1].baselines == []
+
+
+def test_random_init_is_deterministic_per_seed(tmp_path):
+    rng = torch.get_rng_state()
+    paths = [
+        write_random_init("resnet18", seed, str(tmp_path / f"{i}.pth"))
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random state is untouched
+    first, again, other = (torch.load(p, weights_only=True) for p in paths)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["conv1.weight"], other["conv1.weight"])
+    assert not list(tmp_path.glob(".tmp_*"))  # written through atomic_save
+
+
 def _mtimes(paths):
     return {p: os.stat(p).st_mtime_ns for p in paths}
 
@@ -124,7 +214,9 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
         opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG, lincls_opts=TINY_LINCLS,
     )  # fmt: skip
     first = run_sweep(plan, progress=False)
-    assert first["ran"] == ["infonce_k4_s0", "eqco_k4_s0"] and first["skipped"] == []
+    # the random-init baseline runs first
+    assert first["ran"] == ["random_init_s0", "infonce_k4_s0", "eqco_k4_s0"]
+    assert first["skipped"] == []
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (out / name).is_file(), name
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -133,6 +225,22 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
+    # the baseline's row: seed and top-1/top-5 of its linear evaluation, nothing else
+    base_row = rows.pop()
+    base_dir = out / "baseline" / "random_init_s0"
+    base_lin = json.loads((base_dir / "lincls" / "results.json").read_text())
+    assert base_lin["name"] == "random init"
+    assert base_row["loss"] == "random_init" and base_row["seed"] == "0"
+    assert float(base_row["top1"]) == pytest.approx(base_lin["top1"])
+    assert 0 <= float(base_row["top1"]) <= 100
+    assert float(base_row["top5"]) == pytest.approx(base_lin["top5"])
+    for col in ("k", "alpha", "final_loss", "grad_norm", "pretrain_seconds"):
+        assert base_row[col] == "", col
+    # its weights: torchvision's resnet18 after torch.manual_seed(0), the same when made again
+    made = torch.load(base_dir / "random_init.pth", weights_only=True)
+    again = write_random_init("resnet18", 0, str(tmp_path / "again.pth"))
+    again = torch.load(again, weights_only=True)
+    assert made.keys() == again.keys() and all(torch.equal(made[k], again[k]) for k in made)
     assert [(r["loss"], int(r["k"]), float(r["alpha"]), int(r["seed"])) for r in rows] == [
         ("infonce", 4, 4.0, 0),  # InfoNCE = EqCo with alpha = K
         ("eqco", 4, 256.0, 0),
@@ -157,6 +265,12 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
     top1 = {r["loss"]: float(r["top1"]) for r in rows}
     row = f"| 4 | {top1['infonce']:.2f} ± 0.00 (1 seed) | {top1['eqco']:.2f} ± 0.00 (1 seed) |"
     assert row in md
+    base_line = (
+        "Random-init ResNet-18, same linear evaluation: "
+        f"top-1 {float(base_row['top1']):.2f} ± 0.00 (1 seed)"
+    )
+    assert base_line in md
+    assert md.index(row) < md.index(base_line) < md.index("## Gradient norm")
 
     # re-run: nothing trains again, the outputs are the same
     watched = [
@@ -164,16 +278,19 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
         for c in ("infonce_k4_s0", "eqco_k4_s0")
         for d, f in (("pretrain", "model_final.pth"), ("lincls", "results.json"))
     ]
-    before, csv_before = _mtimes(watched), (out / "sweep.csv").read_text()
+    base_watched = [str(base_dir / "random_init.pth"), str(base_dir / "lincls" / "results.json")]
+    before, csv_before = _mtimes(watched + base_watched), (out / "sweep.csv").read_text()
     second = run_sweep(plan, progress=False)
-    assert second["ran"] == [] and second["skipped"] == ["infonce_k4_s0", "eqco_k4_s0"]
-    assert _mtimes(watched) == before
+    assert second["ran"] == []
+    assert second["skipped"] == ["random_init_s0", "infonce_k4_s0", "eqco_k4_s0"]
+    assert _mtimes(watched + base_watched) == before
     assert (out / "sweep.csv").read_text() == csv_before
 
     # a cell whose linear eval is missing is completed without pretraining again
     lincls_results = out / "cells" / "eqco_k4_s0" / "lincls" / "results.json"
     lincls_results.unlink()
     third = run_sweep(plan, progress=False)
-    assert third["ran"] == ["eqco_k4_s0"] and third["skipped"] == ["infonce_k4_s0"]
+    assert third["ran"] == ["eqco_k4_s0"]
+    assert third["skipped"] == ["random_init_s0", "infonce_k4_s0"]
     assert lincls_results.is_file()
-    assert _mtimes(watched[:3]) == {p: before[p] for p in watched[:3]}
+    assert _mtimes(watched[:3] + base_watched) == {p: before[p] for p in watched[:3] + base_watched}
