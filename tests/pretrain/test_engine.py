@@ -15,16 +15,13 @@ import pretrain.engine as engine
 from pretrain.config import get_pretrain_cfg, load_pretrain_cfg
 from pretrain.engine import Pretrainer, build_lr_multiplier
 from pretrain.io import UserError, load_checkpoint
-from transfer.shapes import make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    make_shapes(str(out), num_train=48, num_val=16, size=32, seed=0)
-    return str(out / "imagefolder")
+def shapes(shapes_folder):
+    return shapes_folder(48, 16, 32)
 
 
 def _cfg(root, out, **over):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from pretrain.io import load_checkpoint
-from transfer.shapes import make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_ITER = 12
@@ -38,10 +37,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    make_shapes(str(out), num_train=48, num_val=16, size=32, seed=0)
-    return str(out / "imagefolder")
+def shapes(shapes_folder):
+    return shapes_folder(48, 16, 32)
 
 
 def _args(root, out):

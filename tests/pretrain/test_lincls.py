@@ -23,17 +23,14 @@ from pretrain.lincls import (
     load_pretrained,
     run_linear_eval,
 )
-from transfer.shapes import make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 16  # input crop of these tests: ResNet-18 at 16 px keeps every run to a few seconds
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    make_shapes(str(out), num_train=100, num_val=50, size=64, seed=0)
-    return str(out / "imagefolder")
+def shapes(shapes_folder):
+    return shapes_folder(100, 50, 64)
 
 
 def _images(root, split):

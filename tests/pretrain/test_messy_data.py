@@ -15,19 +15,16 @@ from PIL import Image
 from pretrain.config import get_pretrain_cfg
 from pretrain.engine import Pretrainer
 from pretrain.lincls import get_lincls_cfg, run_linear_eval
-from transfer.shapes import make_shapes
 
 BROKEN_PER_SPLIT = 3  # an empty file, a truncated JPEG, a text file named .jpg
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
-    """The shapes ImageFolder plus, in every split: a CMYK JPEG and an RGBA PNG (readable) and
-    three unreadable files."""
-    out = tmp_path_factory.mktemp("messy")
-    make_shapes(str(out / "shapes"), num_train=40, num_val=20, size=32, seed=0)
-    root = out / "imagefolder"
-    shutil.copytree(out / "shapes" / "imagefolder", root)
+def messy(shapes_folder, tmp_path_factory):
+    """A copy of the shapes ImageFolder plus, in every split: a CMYK JPEG and an RGBA PNG
+    (readable) and three unreadable files."""
+    root = tmp_path_factory.mktemp("messy") / "imagefolder"
+    shutil.copytree(shapes_folder(40, 20, 32), root)
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         folder = root / split / "circle"

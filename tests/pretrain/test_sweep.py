@@ -26,7 +26,6 @@ from pretrain.sweep import (
     run_sweep,
     write_random_init,
 )
-from transfer.shapes import make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LINCLS_CFG = os.path.join(ROOT, "configs", "lincls", "shapes_cpu.yaml")
@@ -45,10 +44,8 @@ TINY_LINCLS = [
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "shapes"
-    make_shapes(str(out), num_train=48, num_val=20, size=32, seed=0)
-    return str(out / "imagefolder")
+def shapes(shapes_folder):
+    return shapes_folder(48, 20, 32)
 
 
 @pytest.mark.parametrize("loss", ["eqco", "infonce"])
