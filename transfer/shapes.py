@@ -1,8 +1,9 @@
 """A deterministic synthetic detection dataset ("shapes") so every stage runs on a laptop CPU.
 
-Each image has a textured, noisy background and 1-4 filled shapes (circle, square, triangle, star, cross)
-with random colours, sizes and rotations; later shapes may partially occlude earlier ones. Boxes are
-the tight boxes of the *visible* pixels (COCO convention) and ``area`` is the visible pixel count.
+Each image has a textured, noisy background and 1-4 filled shapes (circle, square, triangle, star,
+cross) with random colours, sizes and rotations; later shapes may partially occlude earlier ones.
+Boxes are the tight boxes of the *visible* pixels (COCO convention) and ``area`` is the visible
+pixel count.
 
 Like ImageNet (object-centric) and COCO (scenes), the classification view holds one crop per scene,
 centred on its largest object and labelled with that object's class, while detection uses the full
@@ -38,10 +39,9 @@ def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tup
     elif cls == "triangle":
         pts = [(math.cos(t), math.sin(t)) for t in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
     elif cls == "star":
-        pts = [
-            ((1.0 if i % 2 == 0 else 0.42) * math.cos(t), (1.0 if i % 2 == 0 else 0.42) * math.sin(t))
-            for i, t in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)
-        ]
+        radii = [1.0 if i % 2 == 0 else 0.42 for i in range(10)]
+        angles = np.arange(10) * math.pi / 5 - math.pi / 2
+        pts = [(r * math.cos(t), r * math.sin(t)) for r, t in zip(radii, angles)]
     elif cls == "cross":
         a, b = 1.0 / math.sqrt(2), 0.33 / math.sqrt(2)
         pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
@@ -54,7 +54,8 @@ def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tup
 
 def _area(poly: list[tuple[float, float]]) -> float:
     """Shoelace formula."""
-    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(poly, poly[1:] + poly[:1])))
+    edges = zip(poly, poly[1:] + poly[:1])
+    return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in edges))
 
 
 _UNIT_AREA = {c: _area(_polygon(c, 0.0, 0.0, 1.0, 0.0)) for c in CLASSES}
@@ -67,10 +68,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     img = c0 + np.multiply.outer(xx, c1 - c0) * 0.6 + np.multiply.outer(yy, c2 - c0) * 0.4
     # low-frequency blotches: a coarse random grid upsampled
     coarse = rng.uniform(-40, 40, size=(4, 4, 3)).astype(np.float32)
-    blotch = np.asarray(
-        Image.fromarray(((coarse + 40) * (255 / 80)).astype(np.uint8)).resize((size, size), Image.BILINEAR),
-        dtype=np.float32,
-    ) * (80 / 255) - 40
+    coarse_img = Image.fromarray(((coarse + 40) * (255 / 80)).astype(np.uint8))
+    blotch = (
+        np.asarray(coarse_img.resize((size, size), Image.BILINEAR), dtype=np.float32) * (80 / 255)
+        - 40
+    )
     img = img + blotch
     if rng.random() < 0.5:  # stripes
         freq, phase = rng.uniform(4, 16), rng.uniform(0, 2 * math.pi)
@@ -105,10 +107,14 @@ def _render(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict
         layer = Image.new("L", (size, size), 0)
         ImageDraw.Draw(layer).polygon(poly, fill=255)
         shapes.append((cls_idx + 1, poly, colour, np.asarray(layer) > 0))
-    # Drop shapes that are mostly hidden (they are not painted at all); the top-most one always stays.
-    # Removing a shape only uncovers the others, so one pass suffices.
+    # Drop shapes that are mostly hidden (they are not painted at all); the top-most one always
+    # stays. Removing a shape only uncovers the others, so one pass suffices.
     vis = _visible([s[3] for s in shapes])
-    shapes = [s for s, v in zip(shapes, vis) if v.any() and v.sum() >= MIN_VISIBLE_FRACTION * s[3].sum()]
+    shapes = [
+        s
+        for s, v in zip(shapes, vis)
+        if v.any() and v.sum() >= MIN_VISIBLE_FRACTION * s[3].sum()
+    ]
     draw = ImageDraw.Draw(img)
     anns = []
     for (category_id, poly, colour, _), v in zip(shapes, _visible([s[3] for s in shapes])):
@@ -147,8 +153,9 @@ def make_shapes(
 ) -> dict[str, Any]:
     """Write the dataset to ``out`` (layout in docs/formats.md) and return a summary.
 
-    Every image is drawn from its own RNG stream ``(seed, split, index)``, so the bytes depend only on the
-    arguments. Refuses to write into a non-empty ``out`` unless ``force`` (which deletes it first).
+    Every image is drawn from its own RNG stream ``(seed, split, index)``, so the bytes depend only
+    on the arguments. Refuses to write into a non-empty ``out`` unless ``force`` (which deletes it
+    first).
     """
     if size < 32:
         raise ValueError(f"--size {size} is too small; use at least 32 pixels.")
