@@ -19,5 +19,10 @@ setup(
         "matplotlib",
         "pyyaml",
     ],
-    extras_require={"dev": ["pytest", "ruff", "black"]},
+    extras_require={
+        "dev": ["pytest", "ruff", "black"],
+        # lightly: an independent oracle for our losses in tests/pretrain/test_lightly_oracle.py
+        # (never imported at run time)
+        "test": ["pytest", "lightly"],
+    },
 )

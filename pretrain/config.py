@@ -199,6 +199,10 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # neighbours and temperature of the weighted kNN classifier (Wu et al. 2018)
     cfg.TEST.KNN_K = 200
     cfg.TEST.KNN_T = 0.1
+    # at each kNN period also measure instance retrieval: two seeded pretraining-augmented views
+    # of the first this many DATASETS.VAL_SPLIT images; top-1 (%) of view 1 finding its own
+    # image's view 2 among them (pretrain/health.py). 0 = off
+    cfg.TEST.RETRIEVAL_SIZE = 256
 
     # where config.yaml, log.txt, metrics.json, events, checkpoints and results.json go
     cfg.OUTPUT_DIR = "output/pretrain/simo_r50_200ep"
@@ -331,6 +335,7 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
     _need(cfg.DATALOADER.NUM_WORKERS >= 0, "DATALOADER.NUM_WORKERS must be >= 0.")
     _need(cfg.LOG_PERIOD > 0, "LOG_PERIOD must be > 0.")
     _need(cfg.TEST.KNN_PERIOD >= 0 and cfg.TEST.KNN_K > 0, "TEST.KNN_PERIOD / KNN_K are invalid.")
+    _need(cfg.TEST.RETRIEVAL_SIZE >= 0, "TEST.RETRIEVAL_SIZE must be >= 0 (0 = off).")
     _need(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR must not be empty.")
     if check_paths:
         train = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT)

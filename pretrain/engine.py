@@ -13,6 +13,8 @@ Reusable pieces (a supervised loop such as linear evaluation can use them as the
 * :class:`NonFiniteLossError` / :func:`check_finite` -- stop on a NaN/inf loss before the update.
 * :class:`ProgressHook`, :func:`build_writers` -- images/s, epoch, ETA line, metrics.json, events.
 * :func:`write_results` -- ``results.json`` (docs/formats.md).
+* :class:`pretrain.health.HealthHook` -- contrastive top-1, alignment, uniformity, embedding std
+  of every step, logged at LOG_PERIOD; instance retrieval next to the kNN monitor.
 
 :class:`Pretrainer` assembles them for the contrastive methods (like detectron2's
 ``DefaultTrainer``): ``Pretrainer(cfg).resume_or_load(resume).train()``.
@@ -56,6 +58,7 @@ from pretrain.data import (
     eval_transform,
     moco_v2_transform,
 )
+from pretrain.health import HealthHook, instance_retrieval_top1
 from pretrain.io import (
     UserError,
     atomic_save,
@@ -578,6 +581,8 @@ class Pretrainer:
         if cfg.TEST.KNN_PERIOD > 0:
             ret.append(hooks.EvalHook(cfg.TEST.KNN_PERIOD, self.knn_eval))
         if comm.is_main_process():
+            # the health averages of the steps since the last write, just before the writer
+            ret.append(HealthHook(self.model, cfg.LOG_PERIOD))
             # last, so that it writes what the other hooks put into the storage this step
             ret.append(
                 hooks.PeriodicWriter(build_writers(cfg.OUTPUT_DIR, self.max_iter), cfg.LOG_PERIOD)
@@ -585,7 +590,8 @@ class Pretrainer:
         return [h for h in ret if h is not None]
 
     def knn_eval(self) -> Dict[str, float]:
-        """kNN top-1 of DATASETS.VAL_SPLIT against DATASETS.TRAIN_SPLIT (eval transforms)."""
+        """kNN top-1 of DATASETS.VAL_SPLIT against DATASETS.TRAIN_SPLIT (eval transforms), and
+        the instance-retrieval top-1 on the first TEST.RETRIEVAL_SIZE val images (if > 0)."""
         cfg = self.cfg
         tf = eval_transform(cfg.INPUT.SIZE)
         train = RobustImageFolder(os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT), tf)
@@ -605,9 +611,34 @@ class Pretrainer:
             k=cfg.TEST.KNN_K,
             t=cfg.TEST.KNN_T,
         )
-        logger.info("kNN monitor at iteration %d: top-1 %.2f%%", self.trainer.iter, top1)
+        out = {"knn_top1": top1}
+        retrieval = ""
+        if cfg.TEST.RETRIEVAL_SIZE > 0:
+            out["instance_retrieval_top1"] = self.instance_retrieval()
+            retrieval = f"; instance retrieval top-1 {out['instance_retrieval_top1']:.2f}%"
+        logger.info(
+            "kNN monitor at iteration %d: top-1 %.2f%%%s", self.trainer.iter, top1, retrieval
+        )
         self.last_knn_top1 = top1
-        return {"knn_top1": top1}
+        self.last_instance_retrieval_top1 = out.get("instance_retrieval_top1")
+        return out
+
+    def instance_retrieval(self) -> float:
+        """:func:`pretrain.health.instance_retrieval_top1` of the query encoder on the first
+        TEST.RETRIEVAL_SIZE val images, with the pretraining augmentation and per-image seeds
+        fixed for the whole run (derived from SEED)."""
+        cfg = self.cfg
+        tf = moco_v2_transform(cfg.INPUT.SIZE, (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE))
+        val = RobustImageFolder(os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT), tf)
+        return instance_retrieval_top1(
+            self.model.encoder_q,
+            val,
+            self.device,
+            size=cfg.TEST.RETRIEVAL_SIZE,
+            seed=max(cfg.SEED, 0),
+            batch_size=max(cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), 1),
+            num_workers=min(cfg.DATALOADER.NUM_WORKERS, 4),
+        )
 
     def meta(self) -> Dict[str, Any]:
         """The checkpoint's ``meta`` dict (docs/formats.md)."""
@@ -689,6 +720,7 @@ class Pretrainer:
             "ims_per_batch": int(self.cfg.SOLVER.IMS_PER_BATCH),
             "skipped_images": bad,
             "knn_top1": getattr(self, "last_knn_top1", None),
+            "instance_retrieval_top1": getattr(self, "last_instance_retrieval_top1", None),
         }
         write_results(self.cfg.OUTPUT_DIR, results)
         return results

@@ -68,7 +68,9 @@ def infonce(pos: torch.Tensor, neg: torch.Tensor, tau: float, margin: float = 0.
 
         L = -log( e^{(s+ - m)/tau} / ( e^{(s+ - m)/tau} + sum_{i=1..K} e^{s_i/tau} ) )
 
-    ``margin=0`` is the plain InfoNCE / CPC loss, for which I(q; k) >= log(K + 1) - L.
+    ``margin=0`` is the plain InfoNCE / CPC loss, for which I(q; k) >= log(K + 1) - L. On the 2n
+    anchors of SimCLR's layout it is NT-Xent, equal to lightly's ``NTXentLoss`` (in-batch
+    negatives, no memory bank; test_lightly_oracle.py), except that the caller normalises.
     """
     pos, neg = _prepare(pos, neg, tau)
     logits = torch.cat([((pos - margin) / tau).unsqueeze(1), neg / tau], dim=1)
@@ -100,24 +102,43 @@ def dcl(pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
 
         L = -s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
 
-    The SimCLR form is symmetric over the two views: call it once per view and average.
+    The SimCLR form is symmetric over the two views: call it once per view and average, or once
+    on the 2n anchors of SimCLR's layout (:class:`pretrain.methods.SimCLR`), which equals
+    lightly's ``DCLLoss`` (test_lightly_oracle.py). Unlike lightly, the inputs are cosine
+    similarities: the caller normalises the embeddings.
     """
     pos, neg = _prepare(pos, neg, tau)
     return (torch.logsumexp(neg / tau, dim=1) - pos / tau).mean()
 
 
-def dclw(pos: torch.Tensor, neg: torch.Tensor, tau: float, sigma: float = 0.5) -> torch.Tensor:
+def dclw(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    tau: float,
+    sigma: float = 0.5,
+    detach_weight: bool = True,
+) -> torch.Tensor:
     """Weighted DCL, DCLW (Yeh et al.; METHODS.md section 2)::
 
-        w = 2 - N * softmax_over_batch(s+ / sigma)     (detached, sums to N over the batch)
+        w = 2 - N * softmax_over_batch(s+ / sigma)     (sums to N over the batch)
         L = -w * s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
 
     Harder positives (lower s+) get a larger weight. N is the number of queries passed in.
+
+    ``detach_weight=True`` (default) treats w as a constant for autograd, as lightly's
+    ``DCLWLoss`` does (it builds w from detached embeddings); ``False`` back-propagates through
+    w, as the reference code that lightly cites (raminnakhli/Decoupled-Contrastive-Learning)
+    does. The values are the same; only the gradients differ. Those implementations normalise w
+    over the n images of one view; in SimCLR's 2N layout every s+ appears twice among the 2n
+    anchors, so the softmax over them gives the same w and, in either mode, the same gradients
+    (tests/pretrain/test_lightly_oracle.py).
     """
     pos, neg = _prepare(pos, neg, tau)
     if not sigma > 0:
         raise ValueError(f"DCLW's sigma must be > 0, got {sigma}")
-    weight = (2.0 - pos.shape[0] * torch.softmax(pos / sigma, dim=0)).detach()
+    weight = 2.0 - pos.shape[0] * torch.softmax(pos / sigma, dim=0)
+    if detach_weight:
+        weight = weight.detach()
     return (torch.logsumexp(neg / tau, dim=1) - weight * pos / tau).mean()
 
 

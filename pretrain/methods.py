@@ -5,13 +5,18 @@ process's share of the global batch; with DDP averaging the gradients over proce
 equals that of one process holding the whole global batch (tested in test_distributed.py).
 Losses come from :mod:`pretrain.losses` by name (``LOSS.NAME``), so any method can be combined with
 any loss; the defaults of each method are those of its paper (configs/pretrain/*.yaml).
+
+Every forward also leaves detached per-step health values in ``method.stats`` (contrastive top-1,
+alignment, uniformity, embedding std; :mod:`pretrain.health`), computed without autograd from the
+logits and embeddings the loss already uses. They are not in the returned dict, which
+``SimpleTrainer`` sums into the loss.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,7 @@ from detectron2.utils import comm
 from fvcore.nn.distributed import differentiable_all_gather
 from torch import nn
 
+from pretrain.health import contrastive_top1, embedding_stats
 from pretrain.losses import get_loss, pairwise_logits, sample_batch_negatives
 from pretrain.models import build_encoder, convert_to_sync_bn
 
@@ -94,6 +100,12 @@ class ContrastiveMethod(nn.Module):
         symmetric: also use (key view as query, query view as key) and average the two losses.
         seed: seed of the generator that draws negatives / shuffles; identical on every process,
             so all processes draw the same global sample (its state is checkpointed).
+
+    Attributes:
+        stats: ``{"health/contrastive_top1", "health/alignment", "health/uniformity",
+            "health/emb_std"}`` of the last forward, detached 0-d float32 tensors on the device
+            (:func:`pretrain.health.embedding_stats`); alignment etc. use view 1's queries and
+            view 2's keys, the top-1 averages every :meth:`contrast` call of the step.
     """
 
     def __init__(
@@ -116,6 +128,8 @@ class ContrastiveMethod(nn.Module):
             for p in self.encoder_k.parameters():
                 p.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.stats: Dict[str, torch.Tensor] = {}
+        self._top1: List[torch.Tensor] = []
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -134,7 +148,20 @@ class ContrastiveMethod(nn.Module):
         """Loss of queries ``q`` (local, with grad) against keys ``k`` (local) of the other view."""
         raise NotImplementedError
 
+    def contrast(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(pos, neg, tau)``; also records the contrastive top-1 of ``(pos, neg)``."""
+        self._top1.append(contrastive_top1(pos, neg))
+        return self.loss_fn(pos, neg, self.tau)
+
+    def record_stats(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Set :attr:`stats` from view 1's queries ``q``, view 2's keys ``k`` and the top-1 of
+        every :meth:`contrast` call since the last time (the two halves of a symmetric loss)."""
+        top1 = torch.stack(self._top1).mean() if self._top1 else q.new_full((), float("nan"))
+        self._top1 = []
+        self.stats = embedding_stats(q, k, top1)
+
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._top1 = []
         if self.momentum is not None:
             with torch.no_grad():
                 self.momentum_update()
@@ -143,6 +170,7 @@ class ContrastiveMethod(nn.Module):
         loss = self.pair_loss(q1, k2)
         if self.symmetric:
             loss = 0.5 * (loss + self.pair_loss(self.embed_q(im_k), self.embed_k(im_q)))
+        self.record_stats(q1, k2)
         return {"loss": loss}
 
 
@@ -172,7 +200,7 @@ class SiMo(ContrastiveMethod):
         )
         idx = idx[comm.get_rank() * n : (comm.get_rank() + 1) * n].to(q.device)
         pos, neg = pairwise_logits(q, k, k_all[idx])
-        return self.loss_fn(pos, neg, self.tau)
+        return self.contrast(pos, neg)
 
 
 class MoCoV2(ContrastiveMethod):
@@ -204,7 +232,7 @@ class MoCoV2(ContrastiveMethod):
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         pos, neg = pairwise_logits(q, k, self.queue.clone().detach())
         self._enqueue(k)
-        return self.loss_fn(pos, neg, self.tau)
+        return self.contrast(pos, neg)
 
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor) -> None:
@@ -220,6 +248,7 @@ class SimCLR(ContrastiveMethod):
     other views of the global batch. With ``LOSS.NAME dcl`` / ``dclw`` this is DCL / DCLW."""
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._top1 = []
         z = torch.cat([self.embed_q(im_q), self.embed_q(im_k)])  # [2n, d]: view 1, then view 2
         n, rank = im_q.shape[0], comm.get_rank()
         z_all = concat_all_gather_with_grad(z)  # [W * 2n], rank blocks of (view 1, view 2)
@@ -228,7 +257,9 @@ class SimCLR(ContrastiveMethod):
         self_col = rank * 2 * n + local
         pos_col = rank * 2 * n + (local + n) % (2 * n)
         pos, neg = in_batch_logits(z, z_all, pos_col, exclude=self_col)
-        return {"loss": self.loss_fn(pos, neg, self.tau)}
+        loss = self.contrast(pos, neg)  # the 2n anchors: the top-1 covers both halves
+        self.record_stats(z[:n], z[n:])
+        return {"loss": loss}
 
 
 class SimMoCo(ContrastiveMethod):
@@ -239,7 +270,7 @@ class SimMoCo(ContrastiveMethod):
         k_all = concat_all_gather(k)
         own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
         pos, neg = in_batch_logits(q, k_all, own)
-        return self.loss_fn(pos, neg, self.tau)
+        return self.contrast(pos, neg)
 
 
 class SimCo(SimMoCo):
@@ -247,17 +278,19 @@ class SimCo(SimMoCo):
     encoder and carry gradients (gathered differentiably)."""
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._top1 = []
         z1, z2 = self.embed_q(im_q), self.embed_q(im_k)
         loss = self.pair_loss(z1, z2)
         if self.symmetric:
             loss = 0.5 * (loss + self.pair_loss(z2, z1))
+        self.record_stats(z1, z2)
         return {"loss": loss}
 
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         k_all = concat_all_gather_with_grad(k)
         own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
         pos, neg = in_batch_logits(q, k_all, own)
-        return self.loss_fn(pos, neg, self.tau)
+        return self.contrast(pos, neg)
 
 
 METHOD_CLASSES = {
