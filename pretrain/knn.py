@@ -52,16 +52,19 @@ def knn_predict(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Predicted class of every row of ``test_f``: argmax_c sum_{j in kNN} exp(s_j / t) [y_j = c],
-    with s_j the cosine similarity to the j-th neighbour."""
+    with s_j the cosine similarity to the j-th neighbour (rows must be L2-normalised).
+
+    Runs on the device of the inputs (``train_f``, ``train_y`` and ``test_f`` on the same one);
+    ``chunk`` test rows at a time bound the similarity matrix to ``chunk x len(train_f)``."""
     k = min(k, train_f.shape[0])
     preds = []
     for start in range(0, test_f.shape[0], chunk):
         sims = test_f[start : start + chunk] @ train_f.t()
         top_s, top_i = sims.topk(k, dim=1)
-        votes = torch.zeros(sims.shape[0], num_classes)
+        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
         votes.scatter_add_(1, train_y[top_i], (top_s / t).exp())
         preds.append(votes.argmax(dim=1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=test_f.device)
 
 
 @torch.no_grad()

@@ -11,6 +11,11 @@ A supervised loop on top of the pretraining engine's pieces (launch, checkpointi
   batch 256, 100 epochs, lr x0.1 at epochs 60 and 80. Only the fc is wrapped in DDP;
 * train images: RandomResizedCrop + flip; val: Resize + CenterCrop; top-1 / top-5 on the val
   split at the end (and every ``TEST.EVAL_PERIOD_EPOCHS``);
+* next to it, the weighted kNN top-1 of the frozen backbone (``TEST.KNN``, :func:`knn_accuracy`):
+  val against train, both through the eval transform (Resize + CenterCrop), cosine similarity
+  of L2-normalised features, ``exp(s / TEST.KNN_T)`` vote of the ``TEST.KNN_K`` nearest
+  (:func:`pretrain.knn.knn_predict`). No training, so it is the same evaluation for every
+  backbone, random init included; the image protocol pays one extra extraction pass for it;
 * at the end every backbone tensor is compared with MODEL.WEIGHTS (MoCo's sanity check);
   a difference raises :class:`BackboneChangedError`.
 
@@ -24,7 +29,7 @@ the trained fc and ``meta.kind == "lincls"``, which tools/convert.py accepts) an
 
 Public API: :func:`get_lincls_cfg` / :func:`load_lincls_cfg`, :func:`load_pretrained`,
 :func:`check_backbone_unchanged`, :class:`LinearEvaluator`, :func:`run_linear_eval`,
-:func:`evaluate_weights`.
+:func:`evaluate_weights`, :func:`knn_accuracy`.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ from pretrain.engine import (
     write_results,
 )
 from pretrain.io import UserError, load_checkpoint
+from pretrain.knn import knn_predict
 from pretrain.models import backbone_features
 
 __all__ = [
@@ -83,6 +89,7 @@ __all__ = [
     "evaluate_weights",
     "extract_features",
     "get_lincls_cfg",
+    "knn_accuracy",
     "load_lincls_cfg",
     "load_pretrained",
     "run_linear_eval",
@@ -150,6 +157,14 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     cfg.TEST.EVAL_PERIOD_EPOCHS = 0.0
     # global batch of the val pass and of the feature extraction
     cfg.TEST.IMS_PER_BATCH = 256
+    # also report the weighted kNN top-1 of the frozen backbone (val against train, eval-transform
+    # features, cosine similarity; no training). Without CACHED_FEATURES it costs one extra
+    # feature-extraction pass over both splits. False: skipped (results.json knn_top1 null)
+    cfg.TEST.KNN = True
+    # neighbours that vote (capped at the number of train images)
+    cfg.TEST.KNN_K = 20
+    # temperature of the vote: neighbour j weighs exp(cosine_j / KNN_T)
+    cfg.TEST.KNN_T = 0.1
 
     # train the fc on features of center crops extracted once (fast; NOT the paper protocol,
     # which augments every epoch). Set by the CLI flag --cached-features.
@@ -217,6 +232,8 @@ def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     _need(s.CHECKPOINT_PERIOD_EPOCHS > 0, "SOLVER.CHECKPOINT_PERIOD_EPOCHS must be > 0.")
     _need(cfg.TEST.EVAL_PERIOD_EPOCHS >= 0, "TEST.EVAL_PERIOD_EPOCHS must be >= 0.")
     _need(cfg.TEST.IMS_PER_BATCH >= 1, "TEST.IMS_PER_BATCH must be >= 1.")
+    _need(cfg.TEST.KNN_K >= 1, f"TEST.KNN_K must be >= 1, got {cfg.TEST.KNN_K}.")
+    _need(cfg.TEST.KNN_T > 0, f"TEST.KNN_T must be > 0, got {cfg.TEST.KNN_T}.")
     _need(cfg.INPUT.SIZE >= 8, f"INPUT.SIZE must be at least 8 pixels, got {cfg.INPUT.SIZE}.")
     _need(
         cfg.INPUT.RESIZE == 0 or cfg.INPUT.RESIZE >= cfg.INPUT.SIZE,
@@ -251,6 +268,8 @@ class PretrainedWeights:
         fc: ``fc.weight`` / ``fc.bias`` when the checkpoint holds a linear classifier (lincls or
             torchvision checkpoints), else empty; only ``--eval-only`` uses it.
         meta: what the checkpoint says about its pre-training (docs/formats.md ``meta``).
+        file_meta: the file's own ``meta`` as stored (for a linear-eval checkpoint: its
+            ``seed``, ``top1``, ...; ``meta`` holds the pre-training's), else empty.
     """
 
     path: str
@@ -258,6 +277,7 @@ class PretrainedWeights:
     backbone: dict[str, torch.Tensor]
     fc: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    file_meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _arch_name(depth: int, width_per_group: int, groups: int) -> str:
@@ -336,7 +356,10 @@ def load_pretrained(path: str, arch: str, unsafe: bool = False) -> PretrainedWei
         raise UserError("MODEL.WEIGHTS is empty; set it to the checkpoint to evaluate.")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory; pass a checkpoint (e.g. {path}/model_final.pth).")
-    extracted = extract_backbone(load_checkpoint(path, unsafe=unsafe), path)
+    obj = load_checkpoint(path, unsafe=unsafe)
+    file_meta = obj.get("meta") if isinstance(obj, dict) else None
+    file_meta = dict(file_meta) if isinstance(file_meta, dict) else {}
+    extracted = extract_backbone(obj, path)
     sd = extracted.state_dict
     backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     fc: dict[str, torch.Tensor] = {}
@@ -350,7 +373,7 @@ def load_pretrained(path: str, arch: str, unsafe: bool = False) -> PretrainedWei
             f"set MODEL.ARCH {meta_arch}."
         )
     _check_backbone(backbone, arch, path)
-    return PretrainedWeights(path, extracted.kind, backbone, fc, meta)
+    return PretrainedWeights(path, extracted.kind, backbone, fc, meta, file_meta)
 
 
 def build_linear_model(
@@ -599,6 +622,91 @@ def _evaluate_features(
     return _accuracy(counts, len(labels))
 
 
+# at most this many similarities (float32) per kNN chunk: 256 MiB, whatever the train size
+_KNN_CHUNK_ELEMENTS = 2**26
+
+
+def _normalized_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``F.normalize(x, dim=1)`` on ``device`` with one copy of ``x`` (ImageNet train features of
+    a ResNet-50 are 10 GB), never modifying ``x``."""
+    out = x.to(device=device, dtype=torch.float32, copy=True)
+    return out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def knn_accuracy(
+    features: CachedFeatures,
+    num_classes: int,
+    k: int,
+    t: float,
+    device: torch.device | None = None,
+) -> float:
+    """Weighted kNN top-1 (%) of the val features against the train features.
+
+    Both are L2-normalised here (copies: the cached features stay as they are), so similarities
+    are cosines; :func:`pretrain.knn.knn_predict` votes with ``exp(cos / t)`` over the ``k``
+    nearest train features. Collective: every rank holds all features (:func:`extract_features`
+    gathers them), classifies every ``world``-th val row on ``device`` and the counts are summed.
+    """
+    # every rank holds the same features: these checks agree on all of them
+    if not len(features.val_labels):
+        raise UserError("the val split has no images to evaluate.")
+    if not len(features.train_labels):
+        raise UserError("the train split has no images: the kNN evaluation needs them.")
+    device = device or torch.device("cpu")
+    rank, world = comm.get_rank(), comm.get_world_size()
+    train = _normalized_copy(features.train, device)
+    train_y = features.train_labels.to(device)
+    val = _normalized_copy(features.val[rank::world], device)
+    val_y = features.val_labels[rank::world]
+    chunk = max(1, min(1024, _KNN_CHUNK_ELEMENTS // len(train_y)))
+    pred = knn_predict(train, train_y, val, num_classes, k, t, chunk=chunk).cpu()
+    gathered = comm.all_gather((int((pred == val_y).sum()), len(val_y)))
+    return 100.0 * sum(g[0] for g in gathered) / sum(g[1] for g in gathered)
+
+
+def _knn_features(
+    net: torchvision.models.ResNet,
+    cfg: PretrainCfgNode,
+    val_set: RobustImageFolder,
+    device: torch.device,
+    batch_size_per_rank: int,
+) -> CachedFeatures:
+    """Features of the train split through the *eval* transform (as the val split's) and of the
+    val split: one extraction pass over each (collective, like the cached features)."""
+    tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
+    train_set = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT, tf)
+    if train_set.classes != val_set.classes:
+        raise UserError(
+            f"{val_set.root}: its class folders differ from those of {train_set.root}; the kNN "
+            "evaluation needs the same classes in both splits (or set TEST.KNN False)."
+        )
+    logger.info(
+        "Extracting eval-transform features of %d train + %d val images for the kNN top-1...",
+        len(train_set),
+        len(val_set),
+    )
+    args = (device, batch_size_per_rank, cfg.DATALOADER.NUM_WORKERS)
+    train, train_labels = extract_features(net, train_set, *args)
+    val, val_labels = extract_features(net, val_set, *args)
+    bad = count_bad_files(train_set)
+    if bad:
+        logger.warning("%d unreadable train images were skipped by the kNN extraction.", bad)
+    return CachedFeatures(train, train_labels, val, val_labels)
+
+
+def _log_knn(top1: float, cfg: PretrainCfgNode, features: CachedFeatures) -> None:
+    logger.info(
+        "kNN top-1 %.2f%% (k=%d, T=%g; %d val against %d train images, eval-transform features "
+        "of the frozen backbone)",
+        top1,
+        cfg.TEST.KNN_K,
+        cfg.TEST.KNN_T,
+        len(features.val_labels),
+        len(features.train_labels),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -638,6 +746,20 @@ def _per_rank(total: int, key: str) -> int:
             "pick a multiple of it."
         )
     return total // world
+
+
+def _knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:
+    """The results.json kNN keys: all None when TEST.KNN is False."""
+    on = bool(cfg.TEST.KNN)
+    return {
+        "knn_top1": top1,
+        "knn_k": int(cfg.TEST.KNN_K) if on else None,
+        "knn_t": float(cfg.TEST.KNN_T) if on else None,
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
 
 
 class LinearEvaluator:
@@ -737,6 +859,7 @@ class LinearEvaluator:
             rng=RNGStates(),
         )
         self.last_eval: dict[str, float] = {}
+        self.last_knn_top1: float | None = None
         self.trainer.register_hooks(self.build_hooks())
         self.start_iter = 0
         logger.info(
@@ -820,6 +943,24 @@ class LinearEvaluator:
         )
         return {"val": acc}
 
+    def knn_eval(self) -> float | None:
+        """Weighted kNN top-1 (%) of the frozen backbone, val against train (:func:`knn_accuracy`
+        with TEST.KNN_K / KNN_T), or None when TEST.KNN is False; also kept in
+        :attr:`last_knn_top1` (collective).
+
+        Cached mode reuses :attr:`features` (both splits already through the eval transform);
+        the image protocol extracts both splits once with the eval transform."""
+        cfg = self.cfg
+        if not cfg.TEST.KNN:
+            return None
+        features = self.features
+        if features is None:
+            features = _knn_features(self.net, cfg, self.val_set, self.device, self.test_per_rank)
+        top1 = knn_accuracy(features, self.num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, self.device)
+        _log_knn(top1, cfg, features)
+        self.last_knn_top1 = top1
+        return top1
+
     def meta(self) -> dict[str, Any]:
         """The checkpoint's ``meta`` (docs/formats.md): kind ``lincls``, the last val accuracy
         and the ``meta`` of the pre-training checkpoint under ``pretrain``."""
@@ -831,6 +972,8 @@ class LinearEvaluator:
             "num_classes": self.num_classes,
             "top1": self.last_eval.get("top1"),
             "top5": self.last_eval.get("top5"),
+            "knn_top1": self.last_knn_top1,
+            "seed": int(cfg.SEED),
             "epochs": float(self.loader.epochs_done()),
             "iteration": int(self.trainer.iter) + 1,
             "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
@@ -894,6 +1037,7 @@ class LinearEvaluator:
                     f"{e.iteration}; lower SOLVER.BASE_LR."
                 ) from e
             self.trainer.iter = self.max_iter - 1  # TrainerBase leaves it at max_iter
+        self.knn_eval()  # before the sanity check, which then covers its forward passes too
         checked = check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
         logger.info("Sanity check passed: %d backbone tensors equal MODEL.WEIGHTS.", checked)
         # the hook saved model_final before the final eval; save it again with top-1 in meta
@@ -906,6 +1050,8 @@ class LinearEvaluator:
             "name": self.name,
             "top1": self.last_eval["top1"],
             "top5": self.last_eval["top5"],
+            **_knn_results(self.cfg, self.last_knn_top1),
+            "seed": int(self.cfg.SEED),
             "weights": os.path.abspath(self.weights.path),
             "pretrain": dict(self.weights.meta),
             "arch": self.cfg.MODEL.ARCH,
@@ -922,10 +1068,14 @@ class LinearEvaluator:
         }
         write_results(self.cfg.OUTPUT_DIR, results)
         logger.info(
-            "Linear eval of %s: top-1 %.2f%%, top-5 %.2f%% -> %s",
+            "Linear eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s (%d val images, "
+            "SEED %d) -> %s",
             self.name,
             results["top1"],
             results["top5"],
+            _percent(results["knn_top1"]),
+            results["val_images"],
+            results["seed"],
             os.path.join(self.cfg.OUTPUT_DIR, "results.json"),
         )
         return results
@@ -935,8 +1085,10 @@ def evaluate_weights(
     cfg: PretrainCfgNode, weights_path: str, unsafe: bool = False
 ) -> dict[str, Any]:
     """``--eval-only``: top-1 / top-5 of a checkpoint that already has a linear classifier for the
-    val split's classes (our linear-eval checkpoint, or a supervised torchvision ResNet); writes
-    ``results.json`` (collective)."""
+    val split's classes (our linear-eval checkpoint, or a supervised torchvision ResNet), and the
+    kNN top-1 of its backbone as a training run reports it (TEST.KNN: one eval-transform pass over
+    both splits); writes ``results.json`` (collective). ``seed`` is the SEED stored in a
+    linear-eval checkpoint's meta (the run that trained its fc), else None."""
     weights = load_pretrained(weights_path, cfg.MODEL.ARCH, unsafe)
     val_tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
     val = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT, val_tf)
@@ -952,19 +1104,22 @@ def evaluate_weights(
     net = build_linear_model(cfg.MODEL.ARCH, num_classes, weights)
     net.fc.load_state_dict({"weight": weights.fc["fc.weight"], "bias": weights.fc["fc.bias"]})
     device = get_device()
-    acc = _evaluate_images(
-        net.to(device),
-        val,
-        device,
-        _per_rank(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH"),
-        cfg.DATALOADER.NUM_WORKERS,
-    )
+    per_rank = _per_rank(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
+    acc = _evaluate_images(net.to(device), val, device, per_rank, cfg.DATALOADER.NUM_WORKERS)
+    knn = None
+    if cfg.TEST.KNN:
+        features = _knn_features(net, cfg, val, device, per_rank)
+        knn = knn_accuracy(features, num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, device)
+        _log_knn(knn, cfg, features)
+    seed = weights.file_meta.get("seed") if weights.kind == "lincls" else None
     pretrain_meta = dict(weights.meta)
     results = {
         "kind": "lincls",
         "name": _default_name(cfg, weights),
         "top1": acc["top1"],
         "top5": acc["top5"],
+        **_knn_results(cfg, knn),
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         "weights": os.path.abspath(weights_path),
         "pretrain": pretrain_meta,
         "arch": cfg.MODEL.ARCH,
@@ -976,7 +1131,14 @@ def evaluate_weights(
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_results(cfg.OUTPUT_DIR, results)
-    logger.info("Eval of %s: top-1 %.2f%%, top-5 %.2f%%", weights_path, acc["top1"], acc["top5"])
+    logger.info(
+        "Eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s (%d val images)",
+        weights_path,
+        acc["top1"],
+        acc["top5"],
+        _percent(knn),
+        len(val),
+    )
     return results
 
 

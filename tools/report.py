@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Compare pre-trainings: one table (top-1 next to detection AP) and plots from run dirs, e.g.
+"""Compare pre-trainings: one table (linear-probe top-1, kNN top-1, val-set size and pretraining
+seed next to detection AP) and plots from run dirs, e.g.
 
     python tools/report.py output/pretrain output/lincls output/det --out output/report --paper
 

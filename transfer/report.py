@@ -5,6 +5,12 @@ Reads the ``results.json`` of pretraining, linear-eval and detection OUTPUT_DIRs
 per detection run when a pre-training was transferred several times). Values come from the files
 only; a value no file gives is shown as "-". Curves come from the runs' ``metrics.json``
 (detectron2 ``JSONWriter``: one JSON object per line).
+
+Next to the linear-probe top-1 each row shows the kNN top-1 of the same linear-eval run (frozen
+backbone, same val split; ``knn_top1``), that run's val-set size (``val_images``) and the
+pretraining seed: a ``seed`` in the pre-training's meta if one is there, else ``SEED`` of the
+pretraining run's ``config.yaml`` (its OUTPUT_DIR among the runs, or the folder of the checkpoint
+the linear eval or the conversion read). A random-init backbone has no pretraining seed: "-".
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from pretrain.io import UserError, atomic_write_text
 from transfer.convert import read_provenance
@@ -40,6 +48,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("alpha", "alpha"),
     ("epochs", "epochs"),
     ("top-1", "top1"),
+    ("kNN", "knn_top1"),
+    ("val", "val_images"),
+    ("seed", "seed"),
     ("AP", "AP"),
     ("AP50", "AP50"),
     ("AP75", "AP75"),
@@ -48,6 +59,12 @@ COLUMNS: list[tuple[str, str]] = [
     ("APl", "APl"),
 ]
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# shown with one decimal, like AP
+PERCENT_KEYS = ("top1", "knn_top1") + BBOX_KEYS
+# CSV only, after the table's columns: the kNN settings and the linear eval's own SEED
+CSV_EXTRA = [
+    "source", "knn_k", "knn_t", "lincls_seed", "pretrain_dir", "lincls_dir", "detection_dir"
+]
 MISSING = "-"
 PAPER_MARK = " [paper]"
 PAPER_NOTE = (
@@ -177,6 +194,85 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def _count(value: Any) -> int | None:
+    """A non-negative integer (a seed, an image count), else None (SEED < 0 means "drawn at
+    random": not a seed anyone can re-run)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _config_seed(folder: str) -> int | None:
+    """SEED of ``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD)."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("MODEL"), dict):
+        return None
+    if "METHOD" not in cfg["MODEL"]:
+        return None  # a linear-eval or detection config: not the pretraining's seed
+    return _count(cfg.get("SEED"))
+
+
+def _pretrain_seed(pre: Run | None, lin: Run | None, prov: dict[str, Any]) -> int | None:
+    """The pretraining seed: ``seed`` in a meta or results.json of the pre-training, else SEED of
+    the pretraining run's config.yaml (its OUTPUT_DIR, or the folder of the pretraining checkpoint
+    the linear eval / the conversion read); None when no file says it."""
+    lin_meta = lin.results.get("pretrain") if lin else None
+    lin_meta = lin_meta if isinstance(lin_meta, dict) else {}
+    for source in (lin_meta, prov, pre.results if pre else {}):
+        if _count(source.get("seed")) is not None:
+            return _count(source.get("seed"))
+    folders = [pre.path] if pre else []
+    checkpoints = []  # only pretraining checkpoints: a random-init or torchvision file has no run
+    if lin and "pretrain" in (lin.results.get("input_kind"), lin_meta.get("kind")):
+        checkpoints.append(lin.results.get("weights"))
+    if prov.get("input_kind") == "pretrain":
+        checkpoints.append(prov.get("source"))
+    folders += [os.path.dirname(c) for c in checkpoints if isinstance(c, str) and c]
+    for folder in folders:
+        seed = _config_seed(folder)
+        if seed is not None:
+            return seed
+    return None
+
+
+def _lincls_columns(lin: Run | None) -> dict[str, Any]:
+    """kNN top-1, val-set size, kNN settings and SEED of the linear-eval run ("-" in files written
+    before these keys existed)."""
+    res = lin.results if lin else {}
+    return {
+        "knn_top1": _num(res.get("knn_top1")),
+        "val_images": _count(res.get("val_images")),
+        "knn_k": _count(res.get("knn_k")),
+        "knn_t": _num(res.get("knn_t")),
+        "lincls_seed": _count(res.get("seed")),
+    }
+
+
+def _differing_evaluations(rows: list[dict[str, Any]]) -> list[str]:
+    """Notes when the rows' kNN numbers do not come from one evaluation setting."""
+    notes = []
+    for keys, what in ((("knn_k", "knn_t"), "kNN settings (k, T)"), (("val_images",), "val sizes")):
+        seen: dict[str, list[str]] = {}
+        for row in rows:
+            values = tuple(row.get(k) for k in keys)
+            if row.get("lincls_dir") and all(v is not None for v in values):
+                shown = ", ".join(format_value(k, v) for k, v in zip(keys, values))
+                seen.setdefault(shown, []).append(str(row["name"]))
+        if len(seen) > 1:
+            parts = "; ".join(f"{v}: {', '.join(names)}" for v, names in seen.items())
+            notes.append(f"the linear evals differ in {what} ({parts}); compare with care.")
+    return notes
+
+
 def _newest(runs: list[Run], kind: str, name: str, notes: list[str]) -> Run | None:
     same = sorted((r for r in runs if r.kind == kind), key=lambda r: r.mtime, reverse=True)
     if len(same) > 1:
@@ -248,6 +344,8 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
                     "weights' provenance; showing the linear-eval result."
                 )
             row["top1"] = top1 if top1 is not None else prov_top1
+            row.update(_lincls_columns(lin))
+            row["seed"] = _pretrain_seed(pre, lin, prov)
             bbox = det.results.get("bbox") if det else None
             bbox = bbox if isinstance(bbox, dict) else {}
             row.update({k: _num(bbox.get(k)) for k in BBOX_KEYS})
@@ -258,6 +356,7 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
                 row["name"] = f"{name} ({os.path.basename(os.path.normpath(det.path))})"
                 det.label = row["name"]
             rows.append(row)
+    notes += _differing_evaluations(rows)
     if paper:
         for ref in PAPER_ROWS:
             row = {c: None for _, c in COLUMNS}
@@ -271,7 +370,7 @@ def format_value(key: str, value: Any) -> str:
     """Table text: "-" for missing, 1 decimal for accuracies/AP, integers where integral."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
-    if key in BBOX_KEYS or key == "top1":
+    if key in PERCENT_KEYS:
         return f"{float(value):.1f}"
     if isinstance(value, float):
         if value.is_integer():
@@ -294,7 +393,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: str) -> None:
-    extra = ["source", "pretrain_dir", "lincls_dir", "detection_dir"]
+    extra = CSV_EXTRA
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([title for title, _ in COLUMNS] + extra)
@@ -474,9 +573,16 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     md = ["# Pre-training comparison", "", table, ""]
     if paper:
         md += [PAPER_NOTE, ""]
+    settings = {(r["knn_k"], r["knn_t"]) for r in rows if r.get("knn_k") is not None}
+    knn = "k and T in report.csv"
+    if len(settings) == 1:
+        k, t = settings.pop()
+        knn = f"k={k}, T={format_value('knn_t', t)}"
     md += [
         'Missing values are shown as "-". AP: COCO box AP (%) of the detection run; top-1: '
-        "linear-eval top-1 (%); K: negatives per query; alpha: EqCo's alpha.",
+        "linear-eval top-1 (%); kNN: weighted kNN top-1 (%) of the same frozen backbone on the "
+        f"same val split ({knn}); val: images in that val split; seed: the pretraining SEED; "
+        "K: negatives per query; alpha: EqCo's alpha.",
         "",
     ]
     md += [f"![{name}]({name})" for name in written]

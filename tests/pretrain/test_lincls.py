@@ -1,5 +1,6 @@
-"""pretrain.lincls / tools/lincls.py: linear evaluation on shapes, the frozen-backbone sanity
-check, exact resume, the accepted checkpoint formats, bad inputs, outputs and the CLI."""
+"""pretrain.lincls / tools/lincls.py: linear evaluation on shapes, the kNN top-1 next to it, the
+frozen-backbone sanity check, exact resume, the accepted checkpoint formats, bad inputs, outputs
+and the CLI."""
 import json
 import os
 import subprocess
@@ -12,13 +13,17 @@ import torchvision
 from pretrain.config import load_pretrain_cfg
 from pretrain.data import build_image_folder, eval_transform
 from pretrain.io import UserError, load_checkpoint
+from pretrain.knn import knn_predict
 from pretrain.lincls import (
     BackboneChangedError,
+    CachedFeatures,
     LinearEvaluator,
     build_linear_model,
     check_backbone_unchanged,
     evaluate_weights,
+    extract_features,
     get_lincls_cfg,
+    knn_accuracy,
     load_lincls_cfg,
     load_pretrained,
     run_linear_eval,
@@ -124,6 +129,9 @@ def test_informative_backbone_is_well_above_chance_and_constant_features_are_not
     assert own_val_top1 > majority + 40, (own_val_top1, majority)
     assert res["top1"] > majority + 30, (res["top1"], majority, own_val_top1)
     assert res["top5"] == 100.0  # 5 classes
+    # the kNN vote reads the same label-carrying features without any training
+    assert res["knn_top1"] > majority + 30, (res["knn_top1"], majority)
+    assert (res["knn_k"], res["knn_t"], res["seed"], res["val_images"]) == (20, 0.1, 0, 50)
     # a sweep reuses the extracted features; same SEED, same features -> the same run
     again = run_linear_eval(
         _cfg(shapes, tmp_path / "again", str(tmp_path / "ours.pth")),
@@ -142,6 +150,59 @@ def test_informative_backbone_is_well_above_chance_and_constant_features_are_not
     )
     assert blind["top1"] <= majority + 1e-6, (blind["top1"], majority)
     assert res["top1"] - blind["top1"] > 30
+    # identical features -> identical neighbours for every val image -> one predicted class
+    assert blind["knn_top1"] <= majority + 1e-6, (blind["knn_top1"], majority)
+
+
+def _brute_force_knn_top1(features, num_classes, k, t):
+    """kNN top-1 (%) spelled out one val row at a time: cosines, the k largest, exp(s/t) votes."""
+    train = features.train / features.train.norm(dim=1, keepdim=True)
+    correct = 0
+    for f, y in zip(features.val, features.val_labels):
+        sims = train @ (f / f.norm())
+        top = sims.argsort(descending=True)[:k]
+        votes = torch.zeros(num_classes, dtype=torch.float64)
+        for j in top:
+            votes[features.train_labels[j]] += float(torch.exp(sims[j].double() / t))
+        correct += int(votes.argmax()) == int(y)
+    return 100.0 * correct / len(features.val_labels)
+
+
+def test_knn_top1_is_the_weighted_vote_over_the_cached_features(shapes, oracle, tmp_path):
+    cfg = _cfg(shapes, tmp_path / "k", oracle[0], **{"SOLVER.MAX_ITER": 2, "TEST.KNN_K": 7})
+    res = run_linear_eval(cfg, cached=True)
+    f = res["features"]
+    # the cached features are not normalised (the fc trains on them as they are); kNN uses
+    # normalised copies and leaves them so
+    assert f.train.norm(dim=1).sub(1).abs().max() > 0.1
+    pred = knn_predict(
+        torch.nn.functional.normalize(f.train, dim=1), f.train_labels,
+        torch.nn.functional.normalize(f.val, dim=1), 5, k=7, t=0.1,
+    )  # fmt: skip
+    expected = 100.0 * int((pred == f.val_labels).sum()) / len(f.val_labels)
+    assert res["knn_top1"] == pytest.approx(expected, abs=1e-9)
+    assert res["knn_top1"] == pytest.approx(_brute_force_knn_top1(f, 5, 7, 0.1), abs=1e-9)
+    assert (res["knn_k"], res["knn_t"]) == (7, 0.1)
+    log = (tmp_path / "k").joinpath("results.json").read_text()
+    assert json.loads(log)["knn_top1"] == res["knn_top1"]
+
+    # a hand-made case: 4 train points, k=3; val 0 sits near class 1's single point but class
+    # 0's two farther neighbours outvote it at T=1, not at T=0.05
+    tiny = CachedFeatures(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.1], [-1.0, 0.0]]),
+        torch.tensor([1, 0, 0, 2]),
+        torch.tensor([[1.0, 0.6], [-3.0, 0.1]]),
+        torch.tensor([1, 2]),
+    )
+    assert knn_accuracy(tiny, 3, k=3, t=1.0) == 50.0  # val 0 -> class 0: 2 e^0.51 > e^0.86
+    assert knn_accuracy(tiny, 3, k=3, t=0.05) == 100.0  # e^17.1 > 2 e^10.3
+    assert knn_accuracy(tiny, 3, k=1, t=1.0) == 100.0
+    assert _brute_force_knn_top1(tiny, 3, 3, 1.0) == 50.0
+
+    # TEST.KNN False skips it
+    off = _cfg(shapes, tmp_path / "off", oracle[0], **{"SOLVER.MAX_ITER": 2, "TEST.KNN": False})
+    res = run_linear_eval(off, cached=True, features=f)
+    assert (res["knn_top1"], res["knn_k"], res["knn_t"]) == (None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +247,16 @@ def test_image_protocol_keeps_bn_frozen_and_only_trains_fc(shapes, oracle, tmp_p
     assert not torch.equal(final["model"]["fc.weight"], fc_init)
     assert final["meta"]["top1"] == res["top1"] and final["meta"]["kind"] == "lincls"
     assert res["protocol"] == "moco" and res["iterations"] == 3
+    # kNN through images: train and val features of the *eval* transform (not the augmented
+    # crops the fc trains on), the same numbers as an extraction of both splits by hand
+    net = build_linear_model("resnet18", 5, load_pretrained(oracle[0], "resnet18"))
+    split = {s: build_image_folder(shapes, s, eval_transform(SIZE)) for s in ("train", "val")}
+    cpu = torch.device("cpu")
+    by_hand = CachedFeatures(
+        *extract_features(net, split["train"], cpu, 7), *extract_features(net, split["val"], cpu, 7)
+    )
+    assert res["knn_top1"] == pytest.approx(knn_accuracy(by_hand, 5, 20, 0.1), abs=1e-9)
+    assert res["knn_top1"] > 50.0 and final["meta"]["knn_top1"] == res["knn_top1"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +289,8 @@ def test_resume_is_exact(shapes, oracle, tmp_path):
     assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(30.0 * 0.1)
     assert a["loader"] == b["loader"] == {"epoch": 0, "batch": 6}
     assert resumed["top1"] == straight["top1"] and resumed["top5"] == straight["top5"]
+    assert resumed["knn_top1"] == straight["knn_top1"] and resumed["knn_top1"] > 50.0
+    assert resumed["seed"] == 0 and resumed["val_images"] == 50
 
 
 def test_resume_with_other_weights_is_refused(shapes, oracle, tmp_path):
@@ -406,6 +479,8 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     assert res["kind"] == "lincls" and res["name"] == "demo"
     assert res["weights"] == str(tmp_path / "ours.pth") and res["pretrain"]["method"] == "simo"
     assert res["iterations"] == 100 and res["cached_features"] is True
+    assert (res["knn_k"], res["knn_t"], res["seed"], res["val_images"]) == (20, 0.1, 0, 50)
+    assert res["knn_top1"] > 50.0
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     evals = [m for m in metrics if "val/top1" in m]
     assert [m["iteration"] for m in evals] == [49, 100]  # every 5 epochs, then the final one
@@ -414,6 +489,7 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     assert lrs[59] == 30.0 and lrs[79] == pytest.approx(3.0)  # unscaled at batch 10, x0.1 at 6
     log = (out / "log.txt").read_text()
     assert "eta:" in log and "not the paper protocol" in log and "Sanity check passed" in log
+    assert f"kNN top-1 {res['knn_top1']:.2f}% (k=20, T=0.1; 50 val against 100 train" in log
 
     final = load_checkpoint(str(out / "model_final.pth"))
     assert final["meta"]["kind"] == "lincls" and final["meta"]["top1"] == res["top1"]
@@ -439,6 +515,10 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     assert again["eval_only"] is True and again["weights"] == str(out / "model_final.pth")
     assert again["top1"] == pytest.approx(res["top1"]) and again["top5"] == res["top5"]
     assert again["name"] == "demo" and again["input_kind"] == "lincls"
+    # the same backbone, the same eval-transform features: the same kNN; the seed is the one
+    # that trained the fc (from the checkpoint's meta)
+    assert again["knn_top1"] == pytest.approx(res["knn_top1"]) and again["seed"] == 0
+    assert (again["knn_k"], again["knn_t"], again["val_images"]) == (20, 0.1, 50)
 
 
 def test_eval_only_reproduces_a_supervised_head_and_needs_one(shapes, oracle, tmp_path):
@@ -446,6 +526,7 @@ def test_eval_only_reproduces_a_supervised_head_and_needs_one(shapes, oracle, tm
     # what the fixture measured with its own forward pass
     res = evaluate_weights(_cfg(shapes, tmp_path / "e", ""), oracle[0])
     assert res["top1"] == pytest.approx(oracle[1]) and res["input_kind"] == "torchvision"
+    assert res["knn_top1"] > 50.0 and res["seed"] is None  # no linear eval trained this head
     # a split with other classes (here: 2 folders, train/ and val/) needs another head
     other = _cfg(shapes, tmp_path / "e", "", **{"DATASETS.VAL_SPLIT": "."})
     with pytest.raises(UserError, match=r"has an fc of shape \(5, 512\), but --eval-only needs"):
@@ -492,3 +573,7 @@ def test_cli_two_processes_match_one(shapes, oracle, tmp_path):
     fc_init = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)) * 0.01  # SEED 0
     assert (a["model"]["fc.weight"] - fc_init).abs().max() > 1e-3  # it did train
     assert "World size: 2" in (tmp_path / "2" / "log.txt").read_text()
+    # the kNN splits the val rows between the ranks and sums the counts: the same top-1
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "2"))
+    assert r2["knn_top1"] == pytest.approx(r1["knn_top1"]) and r1["knn_top1"] > 50.0
+    assert r1["val_images"] == r2["val_images"] == 50

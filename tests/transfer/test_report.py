@@ -17,7 +17,8 @@ from transfer.report import PAPER_ROWS, find_runs, make_report, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = (
-    "| name | method | loss | K | alpha | epochs | top-1 | AP | AP50 | AP75 | APs | APm | APl |"
+    "| name | method | loss | K | alpha | epochs | top-1 | kNN | val | seed "
+    "| AP | AP50 | AP75 | APs | APm | APl |"
 )
 
 SIMO_META = {
@@ -54,6 +55,11 @@ def runs(tmp_path):
         for i in range(19, 1000, 20)
     ]
     _run(root, "pretrain/simo_k16", simo_pre, pre_metrics)
+    # what detectron2's default_setup dumps: the pretraining seed is only there
+    (root / "pretrain" / "simo_k16" / "config.yaml").write_text(
+        "DATASETS:\n  ROOT: datasets/shapes/imagefolder\nMODEL:\n  ARCH: resnet50\n"
+        "  METHOD: simo\nSEED: 3\nSOLVER:\n  LR_DROP_EPOCHS:\n  - 60\n"
+    )
     moco_pre = {
         "kind": "pretrain",
         "name": "mocov2_q65536",
@@ -77,10 +83,32 @@ def runs(tmp_path):
         "name": "simo_k16",
         "top1": 68.1,
         "top5": 88.4,
-        "weights": "output/pretrain/simo_k16/model_final.pth",
+        "knn_top1": 61.26,
+        "knn_k": 20,
+        "knn_t": 0.1,
+        "seed": 0,
+        "weights": str(root / "pretrain" / "simo_k16" / "model_final.pth"),
         "pretrain": SIMO_META,
+        "input_kind": "pretrain",
+        "val_images": 50000,
     }
     _run(root, "lincls/simo_k16", lincls)
+    # the random-init baseline, evaluated the same way (a torchvision file: no pretraining seed)
+    rand_lincls = {
+        "kind": "lincls",
+        "name": "random init",
+        "top1": 30.04,
+        "top5": 100.0,
+        "knn_top1": 35.0,
+        "knn_k": 20,
+        "knn_t": 0.1,
+        "seed": 0,
+        "weights": str(root / "random_init.pth"),
+        "pretrain": {},
+        "input_kind": "torchvision",
+        "val_images": 50000,
+    }
+    _run(root, "lincls/random_init", rand_lincls)
     det_metrics = [
         {"iteration": 19, "total_loss": 2.0, "loss_cls": 0.9, "lr": 0.02},
         {"iteration": 39, "total_loss": 1.5, "loss_cls": 0.7, "lr": 0.02},
@@ -125,26 +153,33 @@ def test_report_table_csv_and_plots(runs, tmp_path):
     rows = _rows(report.markdown)
     assert list(rows) == ["mocov2_q65536", "simo_k16", "random init"]
     assert rows["simo_k16"] == [
-        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1",
+        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1", "61.3", "50000", "3",
         "39.0", "59.2", "42.3", "-", "41.8", "50.5",
     ]  # fmt: skip
     # a pre-training that was never transferred: no AP, no top-1, and alpha not made up
     assert rows["mocov2_q65536"] == [
-        "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-", "-", "-", "-"
+        "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-",
+        "-", "-", "-", "-", "-", "-",
     ]  # fmt: skip
+    # the baseline: probe and kNN under the same evaluation; random weights have no pretraining
     assert rows["random init"] == [
-        "random init", "-", "-", "-", "-", "-", "-", "25.4", "41.0", "26.1", "9.9", "27.3", "35.0"
+        "random init", "-", "-", "-", "-", "-", "30.0", "35.0", "50000", "-",
+        "25.4", "41.0", "26.1", "9.9", "27.3", "35.0",
     ]  # fmt: skip
 
     md = (out / "report.md").read_text()
     assert report.markdown in md and "[paper]" not in md
+    assert "kNN top-1 (%) of the same frozen backbone on the same val split (k=20, T=0.1)" in md
     with open(out / "report.csv", newline="") as f:
         table = list(csv.DictReader(f))
     simo = next(r for r in table if r["name"] == "simo_k16")
     assert float(simo["AP"]) == 39.0123 and simo["APs"] == "-" and float(simo["top-1"]) == 68.1
+    assert float(simo["kNN"]) == 61.26 and simo["val"] == "50000" and simo["seed"] == "3"
+    assert (simo["knn_k"], simo["knn_t"], simo["lincls_seed"]) == ("20", "0.1", "0")
     assert simo["detection_dir"] == str(runs / "det" / "simo_k16")
     assert simo["lincls_dir"] == str(runs / "lincls" / "simo_k16")
     assert len(table) == 3 and all(r["source"] == "this work" for r in table)
+    assert not any("differ in" in n for n in report.notes)  # one kNN setting, one val size
 
     for png in ("ap_bars.png", "pretrain_loss.png", "detection_curves.png"):
         data = (out / png).read_bytes()
@@ -156,10 +191,10 @@ def test_paper_rows_are_marked(runs, tmp_path):
     report = make_report([str(runs)], str(tmp_path / "r"), paper=True)
     rows = _rows(report.markdown)
     assert rows["SiMo [paper]"] == [
-        "SiMo [paper]", "simo", "-", "-", "-", "-", "-",
+        "SiMo [paper]", "simo", "-", "-", "-", "-", "-", "-", "-", "-",
         "39.0", "59.2", "42.3", "22.9", "41.8", "50.5",
     ]  # fmt: skip
-    assert rows["supervised IN [paper]"][7:] == ["39.0", "59.1", "42.6", "22.4", "42.2", "50.6"]
+    assert rows["supervised IN [paper]"][10:] == ["39.0", "59.1", "42.6", "22.4", "42.2", "50.6"]
     assert len(rows) == 3 + len(PAPER_ROWS)
     with open(tmp_path / "r" / "report.csv", newline="") as f:
         sources = [r["source"] for r in csv.DictReader(f)]
@@ -172,7 +207,9 @@ def test_run_dirs_given_one_by_one(runs, tmp_path):
     report = make_report(dirs, str(tmp_path / "r"))
     rows = _rows(report.markdown)
     assert list(rows) == ["simo_k16"]
-    assert rows["simo_k16"][6:8] == ["68.1", "39.0"]
+    # no pretraining run given: the seed still comes from the folder of the checkpoint that the
+    # linear eval read
+    assert rows["simo_k16"][6:11] == ["68.1", "61.3", "50000", "3", "39.0"]
     # no pretraining run given: no loss curve, and the report says so instead of drawing nothing
     assert not (tmp_path / "r" / "pretrain_loss.png").exists()
     assert any("no pretraining loss curves" in n for n in report.notes)
@@ -190,7 +227,8 @@ def test_provenance_read_from_converted_weights(tmp_path):
     _run(tmp_path, "det", det)
     rows = _rows(make_report([str(tmp_path / "det")], str(tmp_path / "r")).markdown)
     assert rows["simclr_dcl"] == [
-        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "1.2", "-", "-", "-", "-", "-"
+        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "-", "-", "-",
+        "1.2", "-", "-", "-", "-", "-",
     ]  # fmt: skip
 
 
@@ -205,11 +243,46 @@ def test_duplicates_and_disagreements_are_reported(runs, tmp_path):
     _run(runs, "lincls/simo_k16_old", old, mtime=time.time() - 3600)
     report = make_report([str(runs)], str(tmp_path / "r"))
     rows = _rows(report.markdown)
-    assert rows["simo_k16 (simo_k16)"][6:8] == ["68.1", "39.0"]
-    assert rows["simo_k16 (simo_k16_seed1)"][6:8] == ["68.1", "38.5"]
+    assert rows["simo_k16 (simo_k16)"][6:11] == ["68.1", "61.3", "50000", "3", "39.0"]
+    assert rows["simo_k16 (simo_k16_seed1)"][6:11] == ["68.1", "61.3", "50000", "3", "38.5"]
     notes = " ".join(report.notes)
     assert "2 lincls results" in notes and "simo_k16_old" in notes
     assert "top-1 68.1" in notes and "60.0 in the converted weights" in notes
+
+
+def test_old_results_without_knn_and_seed_sources(runs, tmp_path):
+    """results.json files written before knn_top1 / val_images existed still read ("-"); the
+    seed comes from a pretraining meta first, then from a config.yaml, never from a linear-eval
+    or random-init folder; different kNN settings or val sizes get a note."""
+    meta = {"kind": "pretrain", "name": "mocov2_q65536", "method": "mocov2"}
+    weights = str(runs / "pretrain" / "mocov2" / "model_final.pth")
+    old = {"kind": "lincls", "name": "mocov2_q65536", "top1": 47.25, "top5": 80.0,
+           "weights": weights, "pretrain": meta}  # fmt: skip
+    _run(runs, "lincls/mocov2", old)
+    # the linear-eval folder has a config.yaml too, but it is no pretraining config
+    (runs / "lincls" / "mocov2" / "config.yaml").write_text("MODEL:\n  ARCH: resnet50\nSEED: 9\n")
+    rows = _rows(make_report([str(runs)], str(tmp_path / "r")).markdown)
+    assert rows["mocov2_q65536"][6:10] == ["47.2", "-", "-", "-"]
+
+    # the pretraining run's folder holds its config; SEED -1 (drawn at random) is no seed, a meta
+    # "seed" wins over any config
+    def seed_cell(config_seed):
+        pre_config = runs / "pretrain" / "mocov2" / "config.yaml"
+        pre_config.write_text(f"MODEL:\n  METHOD: mocov2\nSEED: {config_seed}\n")
+        return _rows(make_report([str(runs)], str(tmp_path / "r")).markdown)["mocov2_q65536"][9]
+
+    assert (seed_cell(7), seed_cell(-1)) == ("7", "-")
+    old["pretrain"]["seed"] = 11
+    old.update(knn_top1=40.04, knn_k=200, knn_t=0.07, val_images=1000)
+    (runs / "lincls" / "mocov2" / "results.json").write_text(json.dumps(old))
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    assert _rows(report.markdown)["mocov2_q65536"][6:10] == ["47.2", "40.0", "1000", "11"]
+    assert report.notes[-2:] == [
+        "the linear evals differ in kNN settings (k, T) (200, 0.07: mocov2_q65536; 20, 0.1: "
+        "simo_k16, random init); compare with care.",
+        "the linear evals differ in val sizes (1000: mocov2_q65536; 50000: simo_k16, random "
+        "init); compare with care.",
+    ]
 
 
 def test_read_metrics_resume_and_torn_lines(tmp_path):
