@@ -30,7 +30,7 @@ import torch
 import torchvision.transforms as T
 from detectron2.data.samplers import InferenceSampler
 from detectron2.utils import comm
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_rgb",
     "RobustImageFolder",
     "moco_v2_transform",
+    "GaussianBlur",
     "TwoCropsTransform",
     "eval_transform",
     "lincls_train_transform",
@@ -200,22 +201,38 @@ def moco_v2_transform(
     ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2, GaussianBlur(sigma 0.1-2) p=0.5,
     horizontal flip, normalisation.
 
-    MoCo blurs with PIL's ``GaussianBlur(radius=sigma)``, an (almost) untruncated Gaussian. We use
-    torchvision's on the PIL image with a kernel of 2*ceil(3*2.0)+1 = 13 pixels, i.e. +-3 sigma at
-    the largest sigma, independent of the image size (a kernel of 10% of the image, as in SimCLR,
-    would truncate the blur at small demo resolutions).
+    The blur is MoCo's: PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` (:class:`GaussianBlur`),
+    with sigma drawn from torch's RNG so that per-sample seeding and exact resume hold; unlike
+    torchvision's ``GaussianBlur`` it does not go through a tensor and back (measured on the demo
+    data, one core: a whole 64 px view 0.8 ms vs 1.9 ms with torchvision's 13-tap blur).
     """
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=scale),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]
     )
+
+
+class GaussianBlur:
+    """MoCo v2's blur: PIL's ``ImageFilter.GaussianBlur(radius=sigma)``, sigma uniform in
+    ``sigma`` drawn from torch's global RNG (seeded per sample by :class:`RobustImageFolder`)."""
+
+    def __init__(self, sigma: Tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        sigma = lo + (hi - lo) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
 
 
 class TwoCropsTransform:

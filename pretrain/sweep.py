@@ -81,6 +81,7 @@ CSV_COLUMNS = (
     "seed",
     "top1",
     "top5",
+    "knn_top1",
     "final_loss",
     "grad_norm",
     "pretrain_seconds",
@@ -675,6 +676,7 @@ def collect_rows(plan: SweepPlan) -> List[Dict[str, Any]]:
                 "seed": cell.seed,
                 "top1": _float(lin.get("top1")),
                 "top5": _float(lin.get("top5")),
+                "knn_top1": _float(lin.get("knn_top1")),
                 "final_loss": _float(pre.get("final_loss")),
                 "grad_norm": sum(norms) / len(norms) if norms else math.nan,
                 "pretrain_seconds": _float(timing.get("pretrain_seconds")),
@@ -690,6 +692,7 @@ def collect_rows(plan: SweepPlan) -> List[Dict[str, Any]]:
             seed=base.seed,
             top1=_float(lin.get("top1")),
             top5=_float(lin.get("top5")),
+            knn_top1=_float(lin.get("knn_top1")),
         )
         rows.append(row)
     return rows
@@ -721,9 +724,12 @@ def _split_rows(
     return cells, [r for r in rows if r["loss"] == BASELINE_LOSS]
 
 
-def baseline_top1(rows: List[Dict[str, Any]]) -> tuple:
-    """``(mean, std, n)`` of the random-init baseline's top-1 over seeds (sample std)."""
-    return _mean_std([r["top1"] for r in _split_rows(rows)[1]])
+def baseline_top1(rows: List[Dict[str, Any]], metric: str = "top1") -> tuple:
+    """``(mean, std, n)`` of the random-init baseline's top-1 (or ``metric``) over seeds."""
+    return _mean_std([r.get(metric, math.nan) for r in _split_rows(rows)[1]])
+
+
+_METRICS = ("top1", "top5", "knn_top1", "grad_norm", "final_loss")
 
 
 def summarize(rows: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, float]]:
@@ -734,7 +740,7 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[tuple, Dict[str, float]]:
     for r in _split_rows(rows)[0]:
         groups.setdefault((r["loss"], r["k"]), []).append(r)
     return {
-        key: {m: _mean_std([r[m] for r in rs]) for m in ("top1", "top5", "grad_norm", "final_loss")}
+        key: {m: _mean_std([r.get(m, math.nan) for r in rs]) for m in _METRICS}
         for key, rs in groups.items()
     }
 
@@ -780,6 +786,7 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
     ]
     for title, metric, digits in (
         ("Linear-eval top-1 (%)", "top1", 2),
+        ("kNN top-1 of the frozen backbone (%), same features", "knn_top1", 2),
         ("Gradient norm of the loss w.r.t. q (mean over training)", "grad_norm", 3),
         ("Final pretraining loss", "final_loss", 3),
     ):
@@ -794,10 +801,10 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
             ]
             lines.append(f"| {k} | " + " | ".join(entries) + " |")
         lines.append("")
-        if metric == "top1" and plan.baselines:
+        if metric in ("top1", "knn_top1") and plan.baselines:
             lines += [
-                f"Random-init {_arch_label(plan.baselines[0].arch)}, same linear evaluation: "
-                f"top-1 {_fmt(baseline_top1(rows), 2)}",
+                f"Random-init {_arch_label(plan.baselines[0].arch)}, same evaluation: "
+                f"{_fmt(baseline_top1(rows, metric), 2)}",
                 "",
             ]
     atomic_write_text(path, "\n".join(lines))

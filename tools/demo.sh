@@ -20,11 +20,14 @@ start=$(date +%s)
 stage() { printf '\n==== [%s] %s (%ds elapsed)\n' "$(date +%H:%M:%S)" "$1" $(( $(date +%s) - start )); }
 
 stage "1/7 built-in dataset -> $DATA"
-if [ -f "$DATA/annotations/instances_val.json" ]; then
+if [ -f "$DATA/imagefolder/val/star/000998.jpg" ] && grep -q '"style": "grey"' "$DATA/annotations/instances_val.json"; then
   echo "exists, reusing it (delete $DATA to regenerate)"
 else
-  $PY tools/make_shapes.py --out "$DATA" --num-train 400 --num-val 100 --size 128 --seed 0 >/dev/null
-  echo "wrote $DATA: 400 train / 100 val scenes with 1-4 shapes of 5 classes (COCO json + ImageFolder crops)"
+  # a missing, partial or older (colour-style) dataset is redrawn
+  $PY tools/make_shapes.py --out "$DATA" --force --num-train 400 --num-val 100 \
+    --num-train-objects 2000 --num-val-objects 1000 --size 128 --seed 0 >/dev/null
+  echo "wrote $DATA: 400 train / 100 val scenes with 1-4 grey shapes of 5 classes (COCO json)"
+  echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
 stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256)"

@@ -29,13 +29,41 @@ def main(argv=None) -> None:
     )
     p.add_argument("--num-train", type=int, default=400)
     p.add_argument("--num-val", type=int, default=100)
+    p.add_argument(
+        "--num-train-objects",
+        type=int,
+        default=None,
+        help="grey style: single-object classification images in imagefolder/train "
+        "(default: --num-train)",
+    )
+    p.add_argument(
+        "--num-val-objects",
+        type=int,
+        default=None,
+        help="grey style: single-object images in imagefolder/val (default: --num-val)",
+    )
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--style",
+        default="grey",
+        choices=("grey", "colour"),
+        help="grey: shapes on flat noisy grey (SSL learns the shapes; default); colour: textured "
+        "colour backgrounds and colours (a shortcut for instance discrimination)",
+    )
     p.add_argument("--force", action="store_true", help="delete and regenerate a non-empty --out")
     args = p.parse_args(argv)
     try:
         summary = make_shapes(
-            args.out, args.num_train, args.num_val, args.size, args.seed, args.force
+            args.out,
+            args.num_train,
+            args.num_val,
+            args.size,
+            args.seed,
+            args.force,
+            args.style,
+            args.num_train_objects,
+            args.num_val_objects,
         )
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from e

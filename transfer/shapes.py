@@ -1,13 +1,27 @@
 """A deterministic synthetic detection dataset ("shapes") so every stage runs on a laptop CPU.
 
-Each image has a textured, noisy background and 1-4 filled shapes (circle, square, triangle, star,
-cross) with random colours, sizes and rotations; later shapes may partially occlude earlier ones.
-Boxes are the tight boxes of the *visible* pixels (COCO convention) and ``area`` is the visible
-pixel count.
+Each scene has 1-4 filled shapes (circle, square, triangle, star, cross) of random sizes and
+rotations on a background; later shapes may partially occlude earlier ones. Boxes are the tight
+boxes of the *visible* pixels (COCO convention) and ``area`` is the visible pixel count. Like
+ImageNet (object-centric) next to COCO (scenes), an ImageFolder view serves pretraining and linear
+evaluation while detection uses the scenes. Two styles:
 
-Like ImageNet (object-centric) and COCO (scenes), the classification view holds one crop per scene,
-centred on its largest object and labelled with that object's class, while detection uses the full
-scenes. The layout on disk is described in docs/formats.md. Same arguments -> identical bytes.
+* ``grey`` (default): bright shapes on a dark background with pixel noise, grey levels in narrow
+  ranges (GREY_OBJECT, GREY_BACKGROUND), and every shape with its own silhouette (a random stretch
+  and a smooth wobble, :func:`_deform`). The ImageFolder view holds single-shape images of their
+  own (larger shapes anywhere in the image; classes in turn). Two augmented crops of one image
+  then share nothing the MoCo v2 augmentation leaves intact except the shape: noise is drawn per
+  pixel, the colour jitter moves grey levels by more than images differ, and the polarity is
+  fixed. Self-supervised instance discrimination has to encode the shape, which is what the
+  classes are: the style on which contrastive pretraining beats a random-init backbone within CPU
+  minutes (README, "Does the pretraining learn?").
+* ``colour``: a textured colour background (gradient, blotches, stripes), shapes of random
+  colours, and as ImageFolder view one crop of each scene's largest object. Two crops of one image
+  share its background and colours, a shortcut that lets instance discrimination ignore the
+  shapes: contrastive features trained on it probe below a random-init network (kept to reproduce
+  that measurement).
+
+The layout on disk is described in docs/formats.md. Same arguments -> identical bytes.
 """
 from __future__ import annotations
 
@@ -26,8 +40,23 @@ SPLITS = ("train", "val")
 # An object whose visible part is smaller than this fraction of its full area is removed from the
 # image (not just from the labels), so no unlabelled fragments remain.
 MIN_VISIBLE_FRACTION = 0.35
-# ImageFolder view: the largest object with this much context (x its box's longer side)
+# colour style's ImageFolder view: the largest object with this much context (x its box's side)
 CROP_CONTEXT = 1.6
+STYLES = ("grey", "colour")
+# grey style: background and object grey levels (ranges as for rng.integers; narrower than the
+# colour jitter's +-40% moves them, so they are no instance cue), the smallest object-background
+# difference, and the std of the background's pixel noise
+GREY_BACKGROUND = (30, 71)
+GREY_OBJECT = (180, 221)
+MIN_CONTRAST = GREY_OBJECT[0] - GREY_BACKGROUND[1] + 1
+GREY_NOISE = 8.0
+# grey style: each object's own silhouette (_deform)
+STRETCH = 1.35
+DEFORM = 0.12
+# radius of a shape of the area of a circle of this radius, as a fraction of the image side: in
+# scenes, and in the grey style's single-object classification images
+OBJECT_RADIUS = (0.08, 0.2)
+OBJECT_RADIUS_SINGLE = (0.2, 0.35)
 
 
 def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -50,6 +79,31 @@ def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tup
         raise ValueError(f"unknown shape class {cls!r}")
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def _deform(
+    rng: np.random.Generator, poly: list[tuple[float, float]], cx: float, cy: float
+) -> list[tuple[float, float]]:
+    """The polygon with its own silhouette: a random stretch (aspect 1/STRETCH..STRETCH along a
+    random axis) and a smooth radial wobble (2nd and 3rd harmonics, DEFORM each). Every instance
+    then differs in shape from the others of its class, a cue that survives crops and colour
+    jitter (rotation alone does not: flips mirror it and circles have none)."""
+    axis = rng.uniform(0, math.pi)
+    stretch = math.exp(rng.uniform(-1, 1) * math.log(STRETCH))
+    amps, phases = rng.uniform(0, DEFORM, size=2), rng.uniform(0, 2 * math.pi, size=2)
+    out = []
+    for x, y in poly:
+        dx, dy = x - cx, y - cy
+        t = math.atan2(dy, dx)
+        f = 1.0 + sum(a * math.cos(k * t + p) for a, k, p in zip(amps, (2, 3), phases))
+        dx, dy = dx * f, dy * f
+        # stretch along ``axis`` by sqrt(stretch) and across it by 1/sqrt(stretch): same area
+        u = dx * math.cos(axis) + dy * math.sin(axis)
+        v = -dx * math.sin(axis) + dy * math.cos(axis)
+        u, v = u * math.sqrt(stretch), v / math.sqrt(stretch)
+        out.append((cx + u * math.cos(axis) - v * math.sin(axis),
+                    cy + u * math.sin(axis) + v * math.cos(axis)))  # fmt: skip
+    return out
 
 
 def _area(poly: list[tuple[float, float]]) -> float:
@@ -83,6 +137,21 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _grey_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A flat grey level (GREY_BACKGROUND) plus independent pixel noise (uint8 HxWx3)."""
+    level = int(rng.integers(*GREY_BACKGROUND))
+    img = level + rng.normal(0, GREY_NOISE, size=(size, size, 1))
+    return np.repeat(np.clip(img, 0, 255).astype(np.uint8), 3, axis=2)
+
+
+def _grey_fill(rng: np.random.Generator) -> tuple[int, int, int]:
+    """An object grey level (GREY_OBJECT), brighter than any background by at least MIN_CONTRAST:
+    one polarity, as the augmentation never inverts grey levels and a polarity cue would split
+    every class in two."""
+    v = int(rng.integers(*GREY_OBJECT))
+    return (v, v, v)
+
+
 def _visible(masks: list[np.ndarray]) -> list[np.ndarray]:
     """Visible part of each mask when later masks are painted on top of earlier ones."""
     covered = np.zeros_like(masks[0])
@@ -93,17 +162,30 @@ def _visible(masks: list[np.ndarray]) -> list[np.ndarray]:
     return out[::-1]
 
 
-def _render(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """One image and its objects: [{"category_id", "bbox" [x, y, w, h], "area"}]."""
-    img = Image.fromarray(_background(rng, size))
+def _render(
+    rng: np.random.Generator,
+    size: int,
+    style: str = "grey",
+    single: int | None = None,
+) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """One image and its objects [{"category_id", "bbox" [x, y, w, h], "area"}]. ``single``:
+    exactly one object of this class index, larger (OBJECT_RADIUS_SINGLE), as the object-centric
+    classification images."""
+    background = _grey_background(rng, size) if style == "grey" else _background(rng, size)
+    img = Image.fromarray(background)
     shapes = []
-    for _ in range(int(rng.integers(1, 5))):
-        cls_idx = int(rng.integers(len(CLASSES)))
+    for _ in range(1 if single is not None else int(rng.integers(1, 5))):
+        cls_idx = single if single is not None else int(rng.integers(len(CLASSES)))
         # equal-area sizing, so no class is systematically the largest object of an image
-        r = rng.uniform(0.08, 0.2) * size * math.sqrt(math.pi / _UNIT_AREA[CLASSES[cls_idx]])
+        radius = OBJECT_RADIUS_SINGLE if single is not None else OBJECT_RADIUS
+        r = rng.uniform(*radius) * size * math.sqrt(math.pi / _UNIT_AREA[CLASSES[cls_idx]])
         cx, cy = rng.uniform(r * 0.6, size - r * 0.6, size=2)
         poly = _polygon(CLASSES[cls_idx], cx, cy, r, rng.uniform(0, 2 * math.pi))
-        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if style == "grey":
+            poly = _deform(rng, poly, cx, cy)
+            colour = _grey_fill(rng)
+        else:
+            colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
         layer = Image.new("L", (size, size), 0)
         ImageDraw.Draw(layer).polygon(poly, fill=255)
         shapes.append((cls_idx + 1, poly, colour, np.asarray(layer) > 0))
@@ -150,23 +232,42 @@ def make_shapes(
     size: int = 128,
     seed: int = 0,
     force: bool = False,
+    style: str = "grey",
+    num_train_objects: int | None = None,
+    num_val_objects: int | None = None,
 ) -> dict[str, Any]:
     """Write the dataset to ``out`` (layout in docs/formats.md) and return a summary.
 
-    Every image is drawn from its own RNG stream ``(seed, split, index)``, so the bytes depend only
-    on the arguments. Refuses to write into a non-empty ``out`` unless ``force`` (which deletes it
-    first).
+    ``num_train`` / ``num_val`` scenes make the detection splits. The ImageFolder view holds, in
+    the grey style, ``num_train_objects`` / ``num_val_objects`` single-object images of their own
+    (default: as many as scenes; classes in turn, so balanced), and in the colour style one crop
+    of the largest object of each scene.
+
+    Every image is drawn from its own RNG stream ``(seed, split, index[, 1])``, so the bytes depend
+    only on the arguments. Refuses to write into a non-empty ``out`` unless ``force`` (which
+    deletes it first).
     """
     if size < 32:
         raise ValueError(f"--size {size} is too small; use at least 32 pixels.")
-    if num_train < 1 or num_val < 1:
-        raise ValueError("--num-train and --num-val must be at least 1.")
+    if style not in STYLES:
+        raise ValueError(f"--style {style!r} is unknown; use one of {', '.join(STYLES)}.")
+    num_objects = (
+        num_train if num_train_objects is None else num_train_objects,
+        num_val if num_val_objects is None else num_val_objects,
+    )
+    if num_train < 1 or num_val < 1 or min(num_objects) < 1:
+        raise ValueError("--num-train, --num-val and the object counts must be at least 1.")
+    if style != "grey" and num_objects != (num_train, num_val):
+        raise ValueError(
+            "--num-train-objects / --num-val-objects need --style grey (the colour style crops "
+            "one object of each scene)."
+        )
     if os.path.isdir(out) and os.listdir(out):
         if not force:
             raise FileExistsError(f"{out} is not empty; pass --force to regenerate it.")
         shutil.rmtree(out)
     categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]
-    summary: dict[str, Any] = {"out": out, "size": size, "seed": seed}
+    summary: dict[str, Any] = {"out": out, "size": size, "seed": seed, "style": style}
     for split_idx, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         os.makedirs(os.path.join(out, split))
         for c in CLASSES:
@@ -175,24 +276,38 @@ def make_shapes(
         per_class: Counter = Counter()
         for i in range(count):
             rng = np.random.default_rng([seed, split_idx, i])
-            img, anns = _render(rng, size)
+            img, anns = _render(rng, size, style)
             fname = f"{i:06d}.jpg"
             img.save(os.path.join(out, split, fname), quality=92)
             images.append({"id": i + 1, "file_name": fname, "width": size, "height": size})
             for a in anns:
                 a.update(id=len(annotations) + 1, image_id=i + 1, iscrowd=0)
                 annotations.append(a)
-            largest = max(anns, key=lambda a: a["area"])
-            label = CLASSES[largest["category_id"] - 1]
-            per_class[label] += 1
-            _object_crop(img, largest["bbox"]).save(
-                os.path.join(out, "imagefolder", split, label, fname), quality=92
-            )
+            if style == "colour":
+                largest = max(anns, key=lambda a: a["area"])
+                label = CLASSES[largest["category_id"] - 1]
+                per_class[label] += 1
+                _object_crop(img, largest["bbox"]).save(
+                    os.path.join(out, "imagefolder", split, label, fname), quality=92
+                )
+        if style == "grey":
+            # classification view: images of their own with one object, classes in turn
+            for i in range(num_objects[split_idx]):
+                cls_idx = i % len(CLASSES)
+                obj_rng = np.random.default_rng([seed, split_idx, i, 1])
+                view, _ = _render(obj_rng, size, style, single=cls_idx)
+                per_class[CLASSES[cls_idx]] += 1
+                path = os.path.join(out, "imagefolder", split, CLASSES[cls_idx], f"{i:06d}.jpg")
+                view.save(path, quality=92)
         os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(
                 {
-                    "info": {"description": "shapes: synthetic detection dataset", "seed": seed},
+                    "info": {
+                        "description": "shapes: synthetic detection dataset",
+                        "seed": seed,
+                        "style": style,
+                    },
                     "images": images,
                     "annotations": annotations,
                     "categories": categories,
@@ -202,6 +317,7 @@ def make_shapes(
         summary[split] = {
             "images": count,
             "objects": len(annotations),
+            "imagefolder_images": sum(per_class.values()),
             "imagefolder_classes": dict(sorted(per_class.items())),
         }
     return summary

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pretrain.data import (
+    GaussianBlur,
     ResumableDistributedSampler,
     RobustImageFolder,
     TwoCropsTransform,
@@ -169,3 +170,21 @@ def test_batch_larger_than_dataset_is_a_user_error(messy_folder):
     ds = RobustImageFolder(str(messy_folder), transform=eval_transform(16))
     with pytest.raises(UserError, match="fewer than one batch"):
         build_train_loader(ds, 64)
+
+
+def test_gaussian_blur_is_pils_with_a_torch_seeded_sigma():
+    # MoCo's blur: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2) from torch's RNG
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8))
+    blur = GaussianBlur((0.1, 2.0))
+    torch.manual_seed(5)
+    out = blur(img)
+    torch.manual_seed(5)
+    sigma = 0.1 + 1.9 * float(torch.rand(()))
+    expected = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+    assert 0.1 <= sigma <= 2.0
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    torch.manual_seed(5)
+    assert np.array_equal(np.asarray(blur(img)), np.asarray(out))  # same seed, same output
+    # it blurs: the pixel noise's variance drops
+    assert np.asarray(out, dtype=np.float32).std() < np.asarray(img, dtype=np.float32).std()

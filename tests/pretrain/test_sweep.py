@@ -248,6 +248,8 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
         pre = json.loads((cell / "pretrain" / "results.json").read_text())
         assert float(r["top1"]) == pytest.approx(lin["top1"]) and 0 <= float(r["top1"]) <= 100
         assert float(r["top5"]) == pytest.approx(lin["top5"])
+        assert float(r["knn_top1"]) == pytest.approx(lin["knn_top1"])
+        assert 0 <= float(r["knn_top1"]) <= 100
         assert float(r["final_loss"]) == pytest.approx(pre["final_loss"])
         assert pre["loss"] == r["loss"] and pre["num_negatives"] == 4 and pre["iterations"] == 3
         # grad_norm_q is logged at every iteration (LOG_PERIOD 1); the csv holds their mean
@@ -263,11 +265,19 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
     row = f"| 4 | {top1['infonce']:.2f} ± 0.00 (1 seed) | {top1['eqco']:.2f} ± 0.00 (1 seed) |"
     assert row in md
     base_line = (
-        "Random-init ResNet-18, same linear evaluation: "
-        f"top-1 {float(base_row['top1']):.2f} ± 0.00 (1 seed)"
+        "Random-init ResNet-18, same evaluation: "
+        f"{float(base_row['top1']):.2f} ± 0.00 (1 seed)"
     )
-    assert base_line in md
-    assert md.index(row) < md.index(base_line) < md.index("## Gradient norm")
+    base_knn = (
+        "Random-init ResNet-18, same evaluation: "
+        f"{float(base_row['knn_top1']):.2f} ± 0.00 (1 seed)"
+    )
+    knn = {r["loss"]: float(r["knn_top1"]) for r in rows}
+    knn_row = f"| 4 | {knn['infonce']:.2f} ± 0.00 (1 seed) | {knn['eqco']:.2f} ± 0.00 (1 seed) |"
+    assert base_line in md and knn_row in md
+    assert md.index(row) < md.index(base_line) < md.index("## kNN top-1")
+    assert md.index("## kNN top-1") < md.index(knn_row) < md.index(base_knn, md.index("## kNN"))
+    assert md.index(base_knn, md.index("## kNN")) < md.index("## Gradient norm")
 
     # re-run: nothing trains again, the outputs are the same
     watched = [

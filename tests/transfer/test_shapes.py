@@ -11,7 +11,9 @@ from pycocotools.coco import COCO
 
 from PIL import Image
 
-from transfer.shapes import CLASSES, CROP_CONTEXT, make_shapes
+import numpy as np
+
+from transfer.shapes import CLASSES, CROP_CONTEXT, MIN_CONTRAST, make_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,6 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def shapes(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("d") / "shapes")
     make_shapes(out, num_train=120, num_val=30, size=96, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def colour_shapes(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("c") / "shapes")
+    make_shapes(out, num_train=120, num_val=30, size=96, seed=3, style="colour")
     return out
 
 
@@ -63,7 +72,8 @@ def test_coco_json_is_valid_and_boxes_inside(shapes, split, count):
     assert os.path.isfile(os.path.join(shapes, split, coco.loadImgs(1)[0]["file_name"]))
 
 
-def test_class_balance_and_imagefolder_labels(shapes):
+def test_colour_style_crops_the_largest_object(colour_shapes):
+    shapes = colour_shapes
     with open(os.path.join(shapes, "annotations", "instances_train.json")) as f:
         data = json.load(f)
     objects = Counter(a["category_id"] for a in data["annotations"])
@@ -88,6 +98,42 @@ def test_class_balance_and_imagefolder_labels(shapes):
             assert w == h and abs(w - side) <= 1.5
         seen += len(names)
     assert seen == len(data["images"])
+
+
+def test_grey_style_scenes_and_single_object_images(shapes, tmp_path):
+    # scenes: grey (R == G == B up to JPEG noise), objects annotated as in the colour style
+    with open(os.path.join(shapes, "annotations", "instances_train.json")) as f:
+        data = json.load(f)
+    assert data["info"]["style"] == "grey"
+    objects = Counter(a["category_id"] for a in data["annotations"])
+    assert len(objects) == len(CLASSES) and min(objects.values()) >= 0.1 * sum(objects.values())
+    scene = np.asarray(Image.open(os.path.join(shapes, "train", "000000.jpg")), dtype=np.float32)
+    assert np.abs(scene - scene.mean(axis=2, keepdims=True)).max() <= 6
+    # ImageFolder view: exactly balanced single-object images, one object darker or brighter
+    # than the background by at least MIN_CONTRAST (minus JPEG and pixel noise)
+    for split, count in (("train", 120), ("val", 30)):
+        for cls in CLASSES:
+            names = os.listdir(os.path.join(shapes, "imagefolder", split, cls))
+            assert len(names) == count // len(CLASSES)
+    img = np.asarray(
+        Image.open(os.path.join(shapes, "imagefolder", "train", "circle", "000000.jpg")).convert(
+            "L"
+        ),
+        dtype=np.float32,
+    )
+    corner = np.median(img[:4, :4])
+    centre_levels = np.abs(img - corner) > MIN_CONTRAST / 2
+    assert 0.05 < centre_levels.mean() < 0.6  # one object, neither a speck nor the whole image
+    # the object counts are independent of the scene counts
+    other = str(tmp_path / "more")
+    summary = make_shapes(
+        other, num_train=10, num_val=5, size=64, seed=0, num_train_objects=25, num_val_objects=15
+    )
+    assert summary["train"]["images"] == 10 and summary["train"]["imagefolder_images"] == 25
+    assert summary["val"]["imagefolder_images"] == 15
+    assert sum(len(f) for _, _, f in os.walk(os.path.join(other, "imagefolder", "val"))) == 15
+    with pytest.raises(ValueError, match="need --style grey"):
+        make_shapes(str(tmp_path / "c"), 10, 5, 64, 0, style="colour", num_train_objects=20)
 
 
 def test_cli_refuses_to_overwrite(shapes):
