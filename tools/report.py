@@ -6,7 +6,9 @@ seed next to detection AP) and plots from run dirs, e.g.
 
 Each RUN_DIR is an OUTPUT_DIR of tools/pretrain.py, tools/lincls.py or tools/train_det.py (it holds
 a results.json), or a folder searched for them. Writes report.md, report.csv, ap_bars.png,
-pretrain_loss.png and detection_curves.png to --out and prints the table.
+pretrain_loss.png, detection_curves.png and pretrain_health.png (loss, health metrics and kNN
+monitor vs iteration of the pretraining runs, with the random-init linear eval's kNN top-1
+dashed; only when a run logged them) to --out and prints the table.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 """K-sweep: SiMo pretraining + linear evaluation (cached features) for every (loss, K, seed), e.g.
 
     python tools/make_shapes.py --out datasets/shapes_sweep \\
-        --num-train 2304 --num-val 1000 --size 128
+        --num-train 2304 --num-val 1000 --size 128 --style colour
     python tools/sweep.py --config-file configs/pretrain/sweep_shapes_cpu.yaml \\
         --k 4 16 64 256 --loss infonce eqco --alpha 256 --seeds 0 1 2 --out output/sweep
     python tools/sweep.py ... --out output/sweep SOLVER.EPOCHS 2      # KEY VALUE: pretraining cfg

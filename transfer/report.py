@@ -6,6 +6,16 @@ per detection run when a pre-training was transferred several times). Values com
 only; a value no file gives is shown as "-". Curves come from the runs' ``metrics.json``
 (detectron2 ``JSONWriter``: one JSON object per line).
 
+Plots: ``ap_bars.png`` (box AP per row), ``pretrain_loss.png`` (pretraining loss),
+``detection_curves.png`` (detection loss and AP) and ``pretrain_health.png``: per pretraining run
+vs iteration, the training loss, the health metrics (``[metric]health/contrastive_top1``,
+``alignment``, ``uniformity``, ``emb_std``; pretrain/health.py) and the kNN monitor's
+``knn_top1`` / ``instance_retrieval_top1``, with the kNN top-1 of each random-init linear eval as
+a dashed line. Panels whose keys no run logged are left out; runs logged before these metrics
+existed give no ``pretrain_health.png`` at all. The dashed line is lincls's own kNN (its k, T and
+val split): the same measurement as the monitor only when both are configured alike, and the
+report notes where the k / T recorded in the files differ.
+
 Next to the linear-probe top-1 each row shows the kNN top-1 of the same linear-eval run (frozen
 backbone, same val split; ``knn_top1``), that run's val-set size (``val_images``) and the
 pretraining seed: a ``seed`` in the pre-training's meta if one is there, else ``SEED`` of the
@@ -29,6 +39,7 @@ from transfer.convert import read_provenance
 
 __all__ = [
     "COLUMNS",
+    "HealthPlot",
     "PAPER_ROWS",
     "Run",
     "build_rows",
@@ -36,6 +47,7 @@ __all__ = [
     "format_value",
     "make_report",
     "markdown_table",
+    "plot_pretrain_health",
     "read_metrics",
 ]
 
@@ -204,8 +216,8 @@ def _count(value: Any) -> int | None:
     return value
 
 
-def _config_seed(folder: str) -> int | None:
-    """SEED of ``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD)."""
+def _pretrain_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD), else None."""
     path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(path):
         return None
@@ -217,8 +229,25 @@ def _config_seed(folder: str) -> int | None:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("MODEL"), dict):
         return None
     if "METHOD" not in cfg["MODEL"]:
-        return None  # a linear-eval or detection config: not the pretraining's seed
-    return _count(cfg.get("SEED"))
+        return None  # a linear-eval or detection config: not the pretraining's
+    return cfg
+
+
+def _config_seed(folder: str) -> int | None:
+    """SEED of ``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD)."""
+    cfg = _pretrain_config(folder)
+    return _count(cfg.get("SEED")) if cfg else None
+
+
+def _config_knn(folder: str) -> tuple[int, float] | None:
+    """(TEST.KNN_K, TEST.KNN_T) of the kNN monitor in a pretraining ``folder/config.yaml``; None
+    when the file or the keys are not there."""
+    cfg = _pretrain_config(folder)
+    test = cfg.get("TEST") if cfg else None
+    if not isinstance(test, dict):
+        return None
+    k, t = _count(test.get("KNN_K")), _num(test.get("KNN_T"))
+    return (k, t) if k is not None and t is not None else None
 
 
 def _pretrain_seed(pre: Run | None, lin: Run | None, prov: dict[str, Any]) -> int | None:
@@ -528,6 +557,141 @@ def _plot_detection_curves(runs: list[Run], path: str) -> bool:
     return True
 
 
+# (panel id, metrics.json keys tried in order, y label, title). The loss panel is context only: a
+# figure is drawn when a run has one of the other panels' keys.
+HEALTH_PANELS: list[tuple[str, tuple[str, ...], str, str]] = [
+    ("loss", ("loss", "total_loss"), "training loss", "Training loss"),
+    ("contrastive_top1", ("[metric]health/contrastive_top1", "health/contrastive_top1"),
+     "fraction of queries", "Contrastive top-1 (positive above all negatives)"),
+    ("alignment", ("[metric]health/alignment", "health/alignment"),
+     "mean ||q - k||^2 (lower: aligned)", "Alignment"),
+    ("uniformity", ("[metric]health/uniformity", "health/uniformity"),
+     "log mean exp(-2||q_i - q_j||^2)", "Uniformity (lower: more uniform)"),
+    ("emb_std", ("[metric]health/emb_std", "health/emb_std"),
+     "mean per-dimension std", "Embedding std (0: collapsed)"),
+    ("knn_top1", ("knn_top1",), "top-1 (%)", "kNN monitor top-1"),
+    ("instance_retrieval_top1", ("instance_retrieval_top1",), "top-1 (%)",
+     "Instance retrieval top-1"),
+]  # fmt: skip
+RANDOM_INIT = "random init"
+RANDOM_INIT_KNN = "random init kNN (lincls)"
+HEALTH_CAPTION = (
+    "pretrain_health.png: per pretraining run vs iteration, the training loss, the health metrics "
+    "(contrastive top-1 as a fraction; alignment, uniformity, embedding std of the normalised "
+    "embeddings) and the kNN monitor's kNN / instance-retrieval top-1 (%) on DATASETS.VAL_SPLIT; "
+    "panels no run logged are left out. Dashed: kNN top-1 of each random-init linear eval "
+    "(lincls's own kNN: its k, T and val split), the same measurement as the monitor only when "
+    "both are configured alike."
+)
+
+
+@dataclass
+class HealthPlot:
+    """What :func:`plot_pretrain_health` drew: ``series[panel][run label]`` = [(iteration, value)]
+    as read from metrics.json, ``baselines[legend label]`` = random-init lincls kNN top-1 (%), and
+    notes on how comparable the two kNN measurements are."""
+
+    series: dict[str, dict[str, list[tuple[int, float]]]]
+    baselines: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _knn_text(setting: tuple[Any, Any]) -> str:
+    return f"k={setting[0]}, T={format_value('knn_t', setting[1])}"
+
+
+def _random_init_knn(runs: list[Run]) -> list[tuple[str, float, tuple[Any, Any] | None, str]]:
+    """(legend label, kNN top-1, (k, T) or None, directory) of each random-init lincls run with a
+    kNN top-1."""
+    found = [
+        r
+        for r in runs
+        if r.kind == "lincls"
+        and r.name == RANDOM_INIT
+        and _num(r.results.get("knn_top1")) is not None
+    ]
+    lines = []
+    for run in found:
+        k, t = _count(run.results.get("knn_k")), _num(run.results.get("knn_t"))
+        setting = (k, t) if k is not None and t is not None else None
+        extra = [_knn_text(setting)] if setting else []
+        if len(found) > 1:
+            extra.append(os.path.basename(os.path.normpath(run.path)))
+        label = RANDOM_INIT_KNN if not extra else f"{RANDOM_INIT_KNN[:-1]}, {', '.join(extra)})"
+        lines.append((label, float(run.results["knn_top1"]), setting, run.path))
+    return lines
+
+
+def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
+    """``pretrain_health.png``: one panel per :data:`HEALTH_PANELS` entry that a pretraining run
+    logged, one line per run; the kNN panel also gets a dashed line per random-init lincls run.
+    Returns what was drawn, or None (nothing written) when no pretraining run logged a health or
+    kNN-monitor key (runs from before these metrics)."""
+    pretrain = [r for r in runs if r.kind == "pretrain"]
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    monitor: dict[str, tuple[Any, Any] | None] = {}  # run label -> its kNN monitor's (k, T)
+    for run in pretrain:
+        metrics = read_metrics(run.metrics_path)
+        for panel, keys, _, _ in HEALTH_PANELS:
+            key = next((k for k in keys if metrics.get(k)), None)
+            if key:
+                series.setdefault(panel, {})[run.label] = metrics[key]
+        if run.label in series.get("knn_top1", {}):
+            monitor[run.label] = _config_knn(run.path)
+    if not any(panel != "loss" for panel in series):
+        return None
+    notes = []
+    baselines = _random_init_knn(runs) if "knn_top1" in series else []
+    for _, _, setting, where in baselines:
+        for run_label, own in monitor.items():
+            if own is None or setting is None:
+                notes.append(
+                    f"pretrain_health.png: k / T of the kNN monitor of '{run_label}' (config.yaml "
+                    f"TEST) or of the random-init linear eval {where} (knn_k / knn_t) are not in "
+                    "the files; its dashed line may be another measurement."
+                )
+            elif own != setting:
+                notes.append(
+                    f"pretrain_health.png: the kNN monitor of '{run_label}' uses "
+                    f"{_knn_text(own)}, the random-init linear eval {where} {_knn_text(setting)}: "
+                    "its dashed line is another measurement."
+                )
+    plt = _pyplot()
+    panels = [p for p in HEALTH_PANELS if p[0] in series]
+    ncols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    colors = {r.label: f"C{i % 10}" for i, r in enumerate(pretrain)}
+    settings = {s for s in monitor.values() if s is not None}
+    for ax, (panel, _, ylabel, title) in zip(flat, panels):
+        for label, points in series[panel].items():
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                label=label,
+                color=colors[label],
+                lw=1.2,
+                marker="o" if len(points) <= 10 else None,
+                ms=3,
+            )
+        if panel == "knn_top1":
+            if len(settings) == 1 and None not in monitor.values():
+                title = f"{title} ({_knn_text(next(iter(settings)))})"
+            for i, (label, value, _, _) in enumerate(baselines):
+                ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
+        ax.set(xlabel="iteration", ylabel=ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in flat[len(panels):]:
+        ax.remove()
+    fig.suptitle("Pretraining health")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return HealthPlot(series, {label: value for label, value, _, _ in baselines}, notes)
+
+
 # --------------------------------------------------------------------------------------------------
 # the whole report
 
@@ -552,7 +716,15 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     table = markdown_table(rows)
     os.makedirs(out_dir, exist_ok=True)
     files = []
-    plots = [
+    health: list[HealthPlot] = []
+
+    def plot_health(path: str) -> bool:
+        drawn = plot_pretrain_health(runs, path)
+        health.extend([drawn] if drawn else [])
+        return drawn is not None
+
+    # what=None: no note when absent (runs from before the health metrics simply have none)
+    plots: list[tuple[str, str | None, Any]] = [
         ("ap_bars.png", "AP bars", lambda p: _plot_ap_bars(rows, p)),
         ("pretrain_loss.png", "pretraining loss curves", lambda p: _plot_pretrain_losses(runs, p)),
         (
@@ -560,6 +732,7 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
             "detection loss/AP curves",
             lambda p: _plot_detection_curves(runs, p),
         ),
+        ("pretrain_health.png", None, plot_health),
     ]
     written = []
     for filename, what, plot in plots:
@@ -567,8 +740,10 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
         if plot(path):
             written.append(filename)
             files.append(path)
-        else:
+        elif what:
             notes.append(f"no {what}: none of the runs has the data (metrics.json / AP).")
+    for drawn in health:
+        notes += drawn.notes
 
     md = ["# Pre-training comparison", "", table, ""]
     if paper:
@@ -586,6 +761,8 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
         "",
     ]
     md += [f"![{name}]({name})" for name in written]
+    if "pretrain_health.png" in written:
+        md += ["", HEALTH_CAPTION]
     if notes:
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     md_path, csv_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.csv")

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from pretrain.io import UserError
-from transfer.report import PAPER_ROWS, find_runs, make_report, read_metrics
+from transfer.report import (
+    PAPER_ROWS,
+    find_runs,
+    make_report,
+    plot_pretrain_health,
+    read_metrics,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = (
@@ -185,6 +191,9 @@ def test_report_table_csv_and_plots(runs, tmp_path):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"![{png}]({png})" in md
+    # metrics.json from before the health metrics: no health figure, and no note about it
+    assert not (out / "pretrain_health.png").exists() and "pretrain_health" not in md
+    assert not any("health" in n for n in report.notes)
 
 
 def test_paper_rows_are_marked(runs, tmp_path):
@@ -283,6 +292,108 @@ def test_old_results_without_knn_and_seed_sources(runs, tmp_path):
         "the linear evals differ in val sizes (1000: mocov2_q65536; 50000: simo_k16, random "
         "init); compare with care.",
     ]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _health_metrics() -> list[dict]:
+    """What a pretraining run with LOG_PERIOD 20 and TEST.KNN_PERIOD 40 writes: health keys on the
+    log lines, kNN-monitor keys on their own lines."""
+    lines = []
+    for i in range(19, 100, 20):
+        lines.append({
+            "iteration": i, "total_loss": 8.0 - i / 50, "lr": 0.06, "[metric]epoch": i / 10,
+            "[metric]health/contrastive_top1": 0.05 + i / 200,
+            "[metric]health/alignment": 1.5 - i / 100,
+            "[metric]health/uniformity": -1.0 - i / 50,
+            "[metric]health/emb_std": 0.04 + i / 10000,
+        })  # fmt: skip
+        if (i + 1) % 40 == 0:
+            lines.append({"iteration": i, "knn_top1": 30.0 + i / 4,
+                          "instance_retrieval_top1": 10.0 + i / 2})  # fmt: skip
+    return lines
+
+
+def test_pretrain_health_plot(runs, tmp_path):
+    """Health metrics and the kNN monitor of a pretraining run -> pretrain_health.png with the
+    values of metrics.json; the random-init lincls kNN is the dashed line, and the report says
+    when its k / T differ from the monitor's."""
+    metrics = _health_metrics()
+    meta = {**SIMO_META, "name": "simo_health", "iterations": 100}
+    _run(runs, "pretrain/simo_health", meta, metrics)
+    (runs / "pretrain" / "simo_health" / "config.yaml").write_text(
+        "MODEL:\n  METHOD: simo\nSEED: 1\nTEST:\n  KNN_K: 200\n  KNN_PERIOD: 40\n  KNN_T: 0.1\n"
+    )
+    out = tmp_path / "r"
+    report = make_report([str(runs)], str(out))
+
+    data = (out / "pretrain_health.png").read_bytes()
+    width, height = _png_size(data)
+    assert len(data) > 20000 and width > 1000 and height > 500
+    assert str(out / "pretrain_health.png") in report.files
+    md = (out / "report.md").read_text()
+    assert "![pretrain_health.png](pretrain_health.png)" in md
+    assert "Dashed: kNN top-1 of each random-init linear eval" in md
+    # monitor k=200 vs lincls k=20: said in the notes, one note per (run, baseline)
+    label = "random init kNN (lincls, k=20, T=0.1)"
+    health_notes = [n for n in report.notes if "pretrain_health.png" in n]
+    lin_dir = runs / "lincls" / "random_init"
+    assert health_notes == [
+        "pretrain_health.png: the kNN monitor of 'simo_health' uses k=200, T=0.1, the random-init "
+        f"linear eval {lin_dir} k=20, T=0.1: its dashed line is another measurement."
+    ]
+
+    drawn = plot_pretrain_health(find_runs([str(runs)]), str(tmp_path / "h.png"))
+    assert _png_size((tmp_path / "h.png").read_bytes())[0] > 0
+
+    def written(key):
+        return [(m["iteration"], m[key]) for m in metrics if key in m]
+
+    assert drawn.series["loss"]["simo_health"] == written("total_loss")
+    for panel in ("contrastive_top1", "alignment", "uniformity", "emb_std"):
+        assert drawn.series[panel] == {"simo_health": written(f"[metric]health/{panel}")}, panel
+    assert drawn.series["knn_top1"] == {"simo_health": [(39, 39.75), (79, 49.75)]}
+    assert drawn.series["instance_retrieval_top1"] == {"simo_health": [(39, 29.5), (79, 49.5)]}
+    # the older runs have a loss only: drawn in the loss panel, in no other
+    assert drawn.series["loss"]["simo_k16"][0] == (19, 9.0 - 19 / 200)
+    assert drawn.series["loss"]["mocov2_q65536"] == [(9, 8.0), (19, 7.5)]
+    assert drawn.baselines == {label: 35.0}
+
+    # the same k / T on both sides: no note; a monitor without its config: the report says so
+    (runs / "pretrain" / "simo_health" / "config.yaml").write_text(
+        "MODEL:\n  METHOD: simo\nTEST:\n  KNN_K: 20\n  KNN_T: 0.1\n"
+    )
+    assert plot_pretrain_health(find_runs([str(runs)]), str(tmp_path / "h.png")).notes == []
+    (runs / "pretrain" / "simo_health" / "config.yaml").unlink()
+    assert plot_pretrain_health(find_runs([str(runs)]), str(tmp_path / "h.png")).notes == [
+        "pretrain_health.png: k / T of the kNN monitor of 'simo_health' (config.yaml TEST) or of "
+        f"the random-init linear eval {lin_dir} (knn_k / knn_t) are not in the files; its dashed "
+        "line may be another measurement."
+    ]
+
+
+def test_pretrain_health_panels_skipped(tmp_path):
+    """Only the keys a run logged get a panel; kNN keys alone are enough for a figure, and with no
+    random-init linear eval there is no dashed line; loss-only runs give no figure."""
+    knn_only = [{"iteration": 9, "total_loss": 5.0}, {"iteration": 9, "knn_top1": 12.5}]
+    _run(tmp_path, "out/pre", {"kind": "pretrain", "name": "old_knn"}, knn_only)
+    drawn = plot_pretrain_health(find_runs([str(tmp_path / "out")]), str(tmp_path / "a.png"))
+    assert drawn.series == {"loss": {"old_knn": [(9, 5.0)]}, "knn_top1": {"old_knn": [(9, 12.5)]}}
+    assert drawn.baselines == {} and drawn.notes == []
+    assert _png_size((tmp_path / "a.png").read_bytes())[0] > 0
+
+    _run(tmp_path, "loss_only/pre", {"kind": "pretrain", "name": "old"}, knn_only[:1])
+    _run(tmp_path, "loss_only/lin", {"kind": "lincls", "name": "random init", "knn_top1": 3.0})
+    runs = find_runs([str(tmp_path / "loss_only")])
+    assert plot_pretrain_health(runs, str(tmp_path / "b.png")) is None
+    assert not (tmp_path / "b.png").exists()
+    make_report([str(tmp_path / "loss_only")], str(tmp_path / "r"))
+    assert (tmp_path / "r" / "pretrain_loss.png").exists()
+    assert not (tmp_path / "r" / "pretrain_health.png").exists()
 
 
 def test_read_metrics_resume_and_torn_lines(tmp_path):
