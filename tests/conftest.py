@@ -15,17 +15,20 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def shapes_folder(tmp_path_factory):
-    """``shapes_folder(num_train, num_val, size)`` -> the ImageFolder root of a shapes dataset
-    (seed 0) made once per test session for those arguments. Tests must not write into it."""
+    """``shapes_folder(num_train, num_val, size, style="grey")`` -> the ImageFolder root of a
+    shapes dataset (seed 0) made once per test session for those arguments. Tests must not write
+    into it."""
     from transfer.shapes import make_shapes
 
     made = {}
 
-    def make(num_train: int, num_val: int, size: int) -> str:
-        key = (num_train, num_val, size)
+    def make(num_train: int, num_val: int, size: int, style: str = "grey") -> str:
+        key = (num_train, num_val, size, style)
         if key not in made:
             out = tmp_path_factory.mktemp("shapes") / "shapes"
-            make_shapes(str(out), num_train=num_train, num_val=num_val, size=size, seed=0)
+            make_shapes(
+                str(out), num_train=num_train, num_val=num_val, size=size, seed=0, style=style
+            )
             made[key] = str(out / "imagefolder")
         return made[key]
 
