@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from detectron2.engine import hooks
+from detectron2.evaluation.evaluator import inference_context
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -175,13 +176,9 @@ def view_retrieval_top1(
     ``views1`` / ``views2``: iterables of image batches (tensors, or ``(images, labels)``), in the
     same image order. The encoder runs in eval mode (BN running statistics) and is restored.
     """
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with inference_context(encoder):
         f1 = _features(encoder, views1, device)
         f2 = _features(encoder, views2, device)
-    finally:
-        encoder.train(was_training)
     return retrieval_top1(f1, f2)
 
 

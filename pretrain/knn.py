@@ -11,6 +11,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils import comm
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -83,17 +84,13 @@ def knn_top1(
 
     The encoder is put in eval mode (BN running statistics) and restored afterwards.
     """
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with inference_context(encoder):
         train_f, train_y = extract_features(
             encoder, build_eval_loader(train_set, batch_size, num_workers=num_workers), device
         )
         val_f, val_y = extract_features(
             encoder, build_eval_loader(val_set, batch_size, num_workers=num_workers), device
         )
-    finally:
-        encoder.train(was_training)
     num_classes = len(getattr(train_set, "classes", [])) or int(train_y.max()) + 1
     pred = knn_predict(train_f, train_y, val_f, num_classes, k, t)
     return 100.0 * (pred == val_y).float().mean().item() if len(val_y) else float("nan")

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import torchvision
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils import comm
 from torch import nn
 from torch.utils.data import Dataset
@@ -595,15 +596,13 @@ def _evaluate_images(
     loader = build_eval_loader(
         val_set, batch_size_per_rank, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    was_training = net.training
-    net.eval()
     counts, total = [0, 0], 0
-    for images, labels in loader:
-        logits = net.fc(backbone_features(net, images.to(device, non_blocking=True)))
-        c = topk_correct(logits.float().cpu(), labels, (1, 5))
-        counts = [a + b for a, b in zip(counts, c)]
-        total += len(labels)
-    net.train(was_training)
+    with inference_context(net):
+        for images, labels in loader:
+            logits = net.fc(backbone_features(net, images.to(device, non_blocking=True)))
+            c = topk_correct(logits.float().cpu(), labels, (1, 5))
+            counts = [a + b for a, b in zip(counts, c)]
+            total += len(labels)
     gathered = comm.all_gather((counts, total))
     counts = [sum(g[0][i] for g in gathered) for i in range(2)]
     return _accuracy(counts, sum(g[1] for g in gathered))
@@ -695,7 +694,23 @@ def _knn_features(
     return CachedFeatures(train, train_labels, val, val_labels)
 
 
-def _log_knn(top1: float, cfg: PretrainCfgNode, features: CachedFeatures) -> None:
+def _knn_top1(
+    net: torchvision.models.ResNet,
+    cfg: PretrainCfgNode,
+    val_set: RobustImageFolder,
+    num_classes: int,
+    device: torch.device,
+    batch_size_per_rank: int,
+    features: CachedFeatures | None = None,
+) -> float | None:
+    """TEST.KNN's top-1 (%) of ``net``'s frozen backbone (:func:`knn_accuracy` with TEST.KNN_K /
+    KNN_T), logged; None when TEST.KNN is False. ``features``: eval-transform features of both
+    splits already extracted (cached mode), else one extraction pass (collective)."""
+    if not cfg.TEST.KNN:
+        return None
+    if features is None:
+        features = _knn_features(net, cfg, val_set, device, batch_size_per_rank)
+    top1 = knn_accuracy(features, num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, device)
     logger.info(
         "kNN top-1 %.2f%% (k=%d, T=%g; %d val against %d train images, eval-transform features "
         "of the frozen backbone)",
@@ -705,6 +720,7 @@ def _log_knn(top1: float, cfg: PretrainCfgNode, features: CachedFeatures) -> Non
         len(features.val_labels),
         len(features.train_labels),
     )
+    return top1
 
 
 # --------------------------------------------------------------------------------------------
@@ -950,16 +966,16 @@ class LinearEvaluator:
 
         Cached mode reuses :attr:`features` (both splits already through the eval transform);
         the image protocol extracts both splits once with the eval transform."""
-        cfg = self.cfg
-        if not cfg.TEST.KNN:
-            return None
-        features = self.features
-        if features is None:
-            features = _knn_features(self.net, cfg, self.val_set, self.device, self.test_per_rank)
-        top1 = knn_accuracy(features, self.num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, self.device)
-        _log_knn(top1, cfg, features)
-        self.last_knn_top1 = top1
-        return top1
+        self.last_knn_top1 = _knn_top1(
+            self.net,
+            self.cfg,
+            self.val_set,
+            self.num_classes,
+            self.device,
+            self.test_per_rank,
+            self.features,
+        )
+        return self.last_knn_top1
 
     def meta(self) -> dict[str, Any]:
         """The checkpoint's ``meta`` (docs/formats.md): kind ``lincls``, the last val accuracy
@@ -1106,11 +1122,7 @@ def evaluate_weights(
     device = get_device()
     per_rank = _per_rank(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
     acc = _evaluate_images(net.to(device), val, device, per_rank, cfg.DATALOADER.NUM_WORKERS)
-    knn = None
-    if cfg.TEST.KNN:
-        features = _knn_features(net, cfg, val, device, per_rank)
-        knn = knn_accuracy(features, num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, device)
-        _log_knn(knn, cfg, features)
+    knn = _knn_top1(net, cfg, val, num_classes, device, per_rank)
     seed = weights.file_meta.get("seed") if weights.kind == "lincls" else None
     pretrain_meta = dict(weights.meta)
     results = {

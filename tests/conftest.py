@@ -33,3 +33,35 @@ def shapes_folder(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_cfg():
+    """``tiny_pretrain_cfg(root, out, **overrides)`` -> a pretraining config of a few-second SiMo
+    run (ResNet-18 at 16 px, N=8, K=4, no workers, a log line per step) on the ImageFolder
+    ``root``, writing to ``out``; ``overrides`` are ``KEY: value`` config pairs."""
+    from pretrain.config import get_pretrain_cfg
+
+    def make(root: str, out, **over):
+        cfg = get_pretrain_cfg()
+        opts = {
+            "MODEL.ARCH": "resnet18",
+            "MODEL.DIM": 16,
+            "MODEL.MLP_HIDDEN": 32,
+            "MODEL.MOMENTUM": 0.99,
+            "INPUT.SIZE": 16,
+            "DATASETS.ROOT": root,
+            "SOLVER.IMS_PER_BATCH": 8,
+            "SOLVER.BASE_LR": 0.48,
+            "SOLVER.WARMUP_EPOCHS": 0.0,
+            "LOSS.NUM_NEGATIVES": 4,
+            "DATALOADER.NUM_WORKERS": 0,
+            "CUDNN_BENCHMARK": False,
+            "LOG_PERIOD": 1,
+            "OUTPUT_DIR": str(out),
+        }
+        opts.update(over)
+        cfg.merge_from_list([x for kv in opts.items() for x in kv])
+        return cfg
+
+    return make

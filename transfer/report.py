@@ -483,8 +483,12 @@ def _plot_ap_bars(rows: list[dict[str, Any]], path: str) -> bool:
     return True
 
 
+# the training loss in a pretraining metrics.json, in order of preference
+LOSS_KEYS = ("loss", "total_loss")
+
+
 def _loss_key(series: dict[str, list]) -> str | None:
-    return next((k for k in ("loss", "total_loss") if series.get(k)), None)
+    return next((k for k in LOSS_KEYS if series.get(k)), None)
 
 
 def _plot_pretrain_losses(runs: list[Run], path: str) -> bool:
@@ -557,17 +561,18 @@ def _plot_detection_curves(runs: list[Run], path: str) -> bool:
     return True
 
 
-# (panel id, metrics.json keys tried in order, y label, title). The loss panel is context only: a
+# (panel id, metrics.json keys tried in order, y label, title); pretrain.health.HealthHook writes
+# the health keys with CommonMetricPrinter's [metric] prefix. The loss panel is context only: a
 # figure is drawn when a run has one of the other panels' keys.
 HEALTH_PANELS: list[tuple[str, tuple[str, ...], str, str]] = [
-    ("loss", ("loss", "total_loss"), "training loss", "Training loss"),
-    ("contrastive_top1", ("[metric]health/contrastive_top1", "health/contrastive_top1"),
+    ("loss", LOSS_KEYS, "training loss", "Training loss"),
+    ("contrastive_top1", ("[metric]health/contrastive_top1",),
      "fraction of queries", "Contrastive top-1 (positive above all negatives)"),
-    ("alignment", ("[metric]health/alignment", "health/alignment"),
+    ("alignment", ("[metric]health/alignment",),
      "mean ||q - k||^2 (lower: aligned)", "Alignment"),
-    ("uniformity", ("[metric]health/uniformity", "health/uniformity"),
+    ("uniformity", ("[metric]health/uniformity",),
      "log mean exp(-2||q_i - q_j||^2)", "Uniformity (lower: more uniform)"),
-    ("emb_std", ("[metric]health/emb_std", "health/emb_std"),
+    ("emb_std", ("[metric]health/emb_std",),
      "mean per-dimension std", "Embedding std (0: collapsed)"),
     ("knn_top1", ("knn_top1",), "top-1 (%)", "kNN monitor top-1"),
     ("instance_retrieval_top1", ("instance_retrieval_top1",), "top-1 (%)",

@@ -27,29 +27,6 @@ def shapes(shapes_folder):
     return shapes_folder(48, 16, 32, style="colour")
 
 
-def _cfg(root, out, **over):
-    cfg = get_pretrain_cfg()
-    opts = {
-        "MODEL.ARCH": "resnet18",
-        "MODEL.DIM": 16,
-        "MODEL.MLP_HIDDEN": 32,
-        "MODEL.MOMENTUM": 0.99,
-        "INPUT.SIZE": 16,
-        "DATASETS.ROOT": root,
-        "SOLVER.IMS_PER_BATCH": 8,
-        "SOLVER.BASE_LR": 0.48,
-        "SOLVER.WARMUP_EPOCHS": 0.0,
-        "LOSS.NUM_NEGATIVES": 4,
-        "DATALOADER.NUM_WORKERS": 0,
-        "CUDNN_BENCHMARK": False,
-        "LOG_PERIOD": 1,
-        "OUTPUT_DIR": str(out),
-    }
-    opts.update(over)
-    cfg.merge_from_list([x for kv in opts.items() for x in kv])
-    return cfg
-
-
 def _run(cfg, resume=False):
     seed_all_rng(cfg.SEED)  # what default_setup does on rank 0
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -57,8 +34,9 @@ def _run(cfg, resume=False):
     return trainer, trainer.train()
 
 
-def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path):
-    cfg = _cfg(shapes, tmp_path / "run", **{"SOLVER.MAX_ITER": 30, "SOLVER.CHECKPOINT_PERIOD": 15})
+def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path, tiny_pretrain_cfg):
+    over = {"SOLVER.MAX_ITER": 30, "SOLVER.CHECKPOINT_PERIOD": 15}
+    cfg = tiny_pretrain_cfg(shapes, tmp_path / "run", **over)
     trainer, results = _run(cfg)
     losses = [v for v, _ in trainer.trainer.storage.history("total_loss").values()]
     assert len(losses) == 30 and all(np.isfinite(losses))
@@ -115,9 +93,9 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, no cleanup of the temp file."""
 
 
-def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch):
+def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny_pretrain_cfg):
     over = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2}
-    _run(_cfg(shapes, tmp_path / "straight", **over))
+    _run(tiny_pretrain_cfg(shapes, tmp_path / "straight", **over))
     straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
 
     calls = []
@@ -135,13 +113,13 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch):
     killed_dir = tmp_path / "killed"
     monkeypatch.setattr(engine, "atomic_save", dying_save)
     with pytest.raises(_Killed):
-        _run(_cfg(shapes, killed_dir, **over))
+        _run(tiny_pretrain_cfg(shapes, killed_dir, **over))
     monkeypatch.setattr(engine, "atomic_save", real_save)
     assert (killed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (killed_dir / "model_0000003.pth").exists()
 
     torch.manual_seed(12345)  # a fresh process would not share the RNG state either
-    trainer, results = _run(_cfg(shapes, killed_dir, **over), resume=True)
+    trainer, results = _run(tiny_pretrain_cfg(shapes, killed_dir, **over), resume=True)
     assert trainer.start_iter == 2 and results["iterations"] == 4
     resumed = load_checkpoint(str(killed_dir / "model_final.pth"))
     assert resumed["model"].keys() == straight["model"].keys()
@@ -160,8 +138,8 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch):
     )
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
-    cfg = _cfg(
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, tiny_pretrain_cfg):
+    cfg = tiny_pretrain_cfg(
         shapes,
         tmp_path / "nan",
         **{"SOLVER.MAX_ITER": 20, "SOLVER.CHECKPOINT_PERIOD": 1, "SOLVER.BASE_LR": 1e30},

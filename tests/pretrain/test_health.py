@@ -267,29 +267,15 @@ def test_retrieval_size_config_key():
 
 
 # ---------------------------------------------------------------- a real run
-def test_short_run_logs_health_and_retrieval(shapes, tmp_path, caplog):
-    cfg = get_pretrain_cfg()
-    opts = {
-        "MODEL.ARCH": "resnet18",
-        "MODEL.DIM": 16,
-        "MODEL.MLP_HIDDEN": 32,
-        "MODEL.MOMENTUM": 0.99,
-        "INPUT.SIZE": 16,
-        "DATASETS.ROOT": shapes,
-        "SOLVER.IMS_PER_BATCH": 8,
-        "SOLVER.BASE_LR": 0.48,
-        "SOLVER.WARMUP_EPOCHS": 0.0,
+def test_short_run_logs_health_and_retrieval(shapes, tmp_path, caplog, tiny_pretrain_cfg):
+    over = {
         "SOLVER.MAX_ITER": 5,
         "SOLVER.CHECKPOINT_PERIOD": 100,
-        "LOSS.NUM_NEGATIVES": 4,
-        "DATALOADER.NUM_WORKERS": 0,
-        "CUDNN_BENCHMARK": False,
         "LOG_PERIOD": 2,
         "TEST.KNN_PERIOD": 2,
         "TEST.KNN_K": 5,
-        "OUTPUT_DIR": str(tmp_path / "run"),
     }
-    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    cfg = tiny_pretrain_cfg(shapes, tmp_path / "run", **over)
     seed_all_rng(cfg.SEED)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     caplog.set_level(logging.INFO, logger="pretrain.engine")
