@@ -111,8 +111,12 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     cfg.MODEL.NORM = "SyncBN"
     # MoCo's shuffling BN for the key encoder (only meaningful with NORM BN and > 1 process)
     cfg.MODEL.SHUFFLE_BN = False
-    # zero-init the last BN gamma of every residual block (each block starts as identity)
+    # zero-init the last BN gamma of every residual branch (each block starts as identity; the
+    # released SiMo code: True)
     cfg.MODEL.ZERO_INIT_RESIDUAL = False
+    # std of the normal init of the head's fc weights (released SiMo code: 0.01); 0 = PyTorch's
+    # default (uniform, kaiming)
+    cfg.MODEL.HEAD_INIT_STD = 0.0
     # NHWC memory format (faster convolutions with AMP on recent GPUs)
     cfg.MODEL.CHANNELS_LAST = False
     # wrap the encoders in torch.compile (GPU speed; first iterations are slow while compiling)
@@ -127,14 +131,22 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     cfg.LOSS.ALPHA = 256.0
     # SiMo: K negatives per query sampled from the other keys of the global batch
     cfg.LOSS.NUM_NEGATIVES = 16
-    # SiMo: one negative set for the whole batch (True) or an independent draw per query (False)
+    # SiMo: False = an independent K-subset of the other keys per query (our choice);
+    # True = the released code's selection: one draw of K positions per step, shared by every
+    # query (and identical on every process), applied to each query's list of other keys
     cfg.LOSS.SHARED_NEGATIVES = False
+    # simmoco / simco: negatives are the other keys of this process's batch only (True, the
+    # official dual-temperature script) or of the global batch (False)
+    cfg.LOSS.LOCAL_NEGATIVES = False
     # MoCo v2: length of the queue of negative keys (a multiple of SOLVER.IMS_PER_BATCH)
     cfg.LOSS.QUEUE_SIZE = 65536
     # additive margin m of InfoNCE (EqCo eq. 1), used by LOSS.NAME infonce
     cfg.LOSS.MARGIN = 0.0
     # DCLW weighting temperature sigma, used by LOSS.NAME dclw
     cfg.LOSS.SIGMA = 0.5
+    # DCLW: treat the weight as a constant (lightly's DCLWLoss) instead of back-propagating
+    # through it (the reference implementation; default)
+    cfg.LOSS.DCLW_DETACH_WEIGHT = False
     # dual temperature ratio beta = tau_beta / tau_alpha, used by LOSS.NAME dual_temperature
     cfg.LOSS.BETA = 10.0
     # also compute the loss with the two views swapped and average (simclr/simmoco/simco do)
@@ -151,6 +163,8 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     cfg.SOLVER.MAX_ITER = 0
     # linear warm-up length in epochs (from WARMUP_FACTOR * lr to lr), then cosine decay
     cfg.SOLVER.WARMUP_EPOCHS = 5.0
+    # linear warm-up length in iterations; > 0 overrides WARMUP_EPOCHS (the released SiMo: 10)
+    cfg.SOLVER.WARMUP_ITERS = 0
     # learning-rate multiplier at the first warm-up iteration
     cfg.SOLVER.WARMUP_FACTOR = 0.001
     # cosine decay ends at lr * COSINE_END (0 in MoCo v2 / SiMo)
@@ -286,6 +300,7 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
     _need(m.ARCH in ARCHS, f"MODEL.ARCH {m.ARCH!r} is unknown; choose one of {ARCHS}.")
     _need(m.NORM in NORMS, f"MODEL.NORM {m.NORM!r} is unknown; choose one of {NORMS}.")
     _need(m.DIM > 0 and m.MLP_HIDDEN > 0, "MODEL.DIM and MODEL.MLP_HIDDEN must be positive.")
+    _need(m.HEAD_INIT_STD >= 0, "MODEL.HEAD_INIT_STD must be >= 0 (0 = PyTorch's default).")
     _need(0.0 <= m.MOMENTUM < 1.0, f"MODEL.MOMENTUM must be in [0, 1), got {m.MOMENTUM}.")
     _need(
         loss.NAME in LOSSES,
@@ -321,6 +336,17 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
         "set SOLVER.EPOCHS or SOLVER.MAX_ITER to a positive value.",
     )
     _need(solver.WARMUP_EPOCHS >= 0, "SOLVER.WARMUP_EPOCHS must be >= 0.")
+    _need(solver.WARMUP_ITERS >= 0, "SOLVER.WARMUP_ITERS must be >= 0 (0 = use WARMUP_EPOCHS).")
+    _need(
+        not loss.LOCAL_NEGATIVES or m.METHOD in ("simmoco", "simco"),
+        f"LOSS.LOCAL_NEGATIVES is a simmoco/simco option; MODEL.METHOD {m.METHOD} always uses "
+        "the keys of the global batch.",
+    )
+    _need(
+        not loss.SHARED_NEGATIVES or m.METHOD == "simo",
+        f"LOSS.SHARED_NEGATIVES is a simo option; MODEL.METHOD {m.METHOD} does not sample "
+        "negatives.",
+    )
     _need(solver.CHECKPOINT_PERIOD > 0, "SOLVER.CHECKPOINT_PERIOD must be > 0 iterations.")
     _need(
         solver.AMP.PRECISION in AMP_PRECISIONS,

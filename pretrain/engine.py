@@ -439,6 +439,13 @@ def build_lr_multiplier(
     return WarmupParamScheduler(cosine, warmup_factor, min(warmup_iters / max_iter, 1.0))
 
 
+def warmup_iterations(cfg, iters_per_epoch: int) -> int:
+    """``SOLVER.WARMUP_ITERS`` if set (> 0), else ``SOLVER.WARMUP_EPOCHS`` epochs in iterations."""
+    if cfg.SOLVER.WARMUP_ITERS > 0:
+        return int(cfg.SOLVER.WARMUP_ITERS)
+    return int(round(cfg.SOLVER.WARMUP_EPOCHS * iters_per_epoch))
+
+
 def write_results(output_dir: str, results: Dict[str, Any]) -> str:
     """Write ``results.json`` atomically (main process only); returns its path."""
     path = os.path.join(output_dir, "results.json")
@@ -530,7 +537,7 @@ class Pretrainer:
             amp_dtype=amp_dtype,
             channels_last=cfg.MODEL.CHANNELS_LAST,
         )
-        warmup_iters = int(round(cfg.SOLVER.WARMUP_EPOCHS * self.iters_per_epoch))
+        warmup_iters = warmup_iterations(cfg, self.iters_per_epoch)
         self.scheduler = LRMultiplier(
             self.optimizer,
             build_lr_multiplier(

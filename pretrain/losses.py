@@ -22,6 +22,8 @@ import math
 from typing import Callable, Dict, Optional
 
 import torch
+from detectron2.utils import comm
+from fvcore.nn.distributed import differentiable_all_gather
 
 from pretrain.io import UserError
 
@@ -116,29 +118,35 @@ def dclw(
     neg: torch.Tensor,
     tau: float,
     sigma: float = 0.5,
-    detach_weight: bool = True,
+    detach_weight: bool = False,
 ) -> torch.Tensor:
     """Weighted DCL, DCLW (Yeh et al.; METHODS.md section 2)::
 
-        w = 2 - N * softmax_over_batch(s+ / sigma)     (sums to N over the batch)
+        w = 2 - M * softmax_over_batch(s+ / sigma)     (sums to M over the batch)
         L = -w * s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
 
-    Harder positives (lower s+) get a larger weight. N is the number of queries passed in.
+    Harder positives (lower s+) get a larger weight. The softmax runs over the s+ of the whole
+    global batch, M of them: with several processes they are all-gathered (differentiably, in rank
+    order), so the weights do not depend on how the batch is split over processes.
 
-    ``detach_weight=True`` (default) treats w as a constant for autograd, as lightly's
-    ``DCLWLoss`` does (it builds w from detached embeddings); ``False`` back-propagates through
-    w, as the reference code that lightly cites (raminnakhli/Decoupled-Contrastive-Learning)
-    does. The values are the same; only the gradients differ. Those implementations normalise w
-    over the n images of one view; in SimCLR's 2N layout every s+ appears twice among the 2n
-    anchors, so the softmax over them gives the same w and, in either mode, the same gradients
+    The weight stays in the autograd graph by default, as in the reference code that lightly
+    cites (raminnakhli/Decoupled-Contrastive-Learning); ``detach_weight=True``
+    (``LOSS.DCLW_DETACH_WEIGHT``) treats it as a constant, as lightly's ``DCLWLoss`` does. The
+    values are the same; only the gradients differ. Those implementations normalise w over the n
+    images of one view; in SimCLR's 2N layout every s+ appears twice among the 2n anchors, so the
+    softmax over them gives the same w and the same gradients
     (tests/pretrain/test_lightly_oracle.py).
     """
     pos, neg = _prepare(pos, neg, tau)
     if not sigma > 0:
         raise ValueError(f"DCLW's sigma must be > 0, got {sigma}")
-    weight = 2.0 - pos.shape[0] * torch.softmax(pos / sigma, dim=0)
-    if detach_weight:
-        weight = weight.detach()
+    batch_pos = pos.detach() if detach_weight else pos
+    offset = 0
+    if comm.get_world_size() > 1:
+        offset = comm.get_rank() * pos.shape[0]
+        batch_pos = torch.cat(differentiable_all_gather(batch_pos.contiguous()))
+    weight = 2.0 - batch_pos.shape[0] * torch.softmax(batch_pos / sigma, dim=0)
+    weight = weight[offset : offset + pos.shape[0]]
     return (torch.logsumexp(neg / tau, dim=1) - weight * pos / tau).mean()
 
 
@@ -239,10 +247,11 @@ def sample_batch_negatives(
 
     * ``shared=False``: an independent draw per query (top-K of uniform noise over the M - 1 other
       keys).
-    * ``shared=True`` (one sample set for the whole batch, as SiMo allows): draw K + 1 distinct
-      keys once; each query uses the first K, except that a query whose own key is among them
-      uses the (K+1)-th in its place. By exchangeability each query still gets a uniform K-subset
-      of its other keys, and all queries share at least K - 1 negatives.
+    * ``shared=True``: the selection of the released SiMo code (``NT_Xent.forward`` in Megvii's
+      SelfSup repository): one draw of K *positions* per step, ``randperm(num_keys - 1)[:K]``,
+      applied to every query's list of other keys (the similarity row without its own key), so
+      query n gets keys ``p + (p >= own[n])``. Each query still gets a uniform K-subset of its
+      other keys; with K = num_keys - 1 (the released K = 255 at N = 256) it is all of them.
 
     ``generator`` makes the draw reproducible; the draw happens on the generator's device (else
     ``device``) and the result is moved to ``device`` (default: that of ``own_index``, else CPU).
@@ -266,14 +275,13 @@ def sample_batch_negatives(
             raise ValueError(f"own_index must be a 1-D index tensor, got {tuple(own_index.shape)}")
         own = own_index.to(device=sample_device, dtype=torch.long)
     if shared:
-        perm = torch.randperm(num_keys, generator=generator, device=sample_device)
-        first = perm[:num_negatives].unsqueeze(0).expand(own.shape[0], -1)
-        idx = torch.where(first == own.unsqueeze(1), perm[num_negatives], first)
+        positions = torch.randperm(num_keys - 1, generator=generator, device=sample_device)
+        pick = positions[:num_negatives].unsqueeze(0).expand(own.shape[0], -1)
     else:
         noise = torch.rand(own.shape[0], num_keys - 1, generator=generator, device=sample_device)
         pick = noise.topk(num_negatives, dim=1).indices
-        # map positions in "all keys but mine" back to key indices by skipping the own key
-        idx = pick + (pick >= own.unsqueeze(1)).long()
+    # positions in "all keys but mine" back to key indices: skip the own key
+    idx = pick + (pick >= own.unsqueeze(1)).long()
     return idx.to(device)
 
 

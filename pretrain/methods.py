@@ -170,8 +170,13 @@ class ContrastiveMethod(nn.Module):
         loss = self.pair_loss(q1, k2)
         if self.symmetric:
             loss = 0.5 * (loss + self.pair_loss(self.embed_q(im_k), self.embed_k(im_q)))
+        self.after_loss(k2)
         self.record_stats(q1, k2)
         return {"loss": loss}
+
+    def after_loss(self, keys: torch.Tensor) -> None:
+        """Called once per step, after every :meth:`pair_loss`, with view 2's local keys (MoCo v2
+        enqueues them here)."""
 
 
 class SiMo(ContrastiveMethod):
@@ -230,12 +235,14 @@ class MoCoV2(ContrastiveMethod):
         return k_all[rank * n : (rank + 1) * n]
 
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # the queue as it was before this step: with LOSS.SYMMETRIC both halves see the same one,
+        # and neither half's own keys are in it
         pos, neg = pairwise_logits(q, k, self.queue.clone().detach())
-        self._enqueue(k)
         return self.contrast(pos, neg)
 
     @torch.no_grad()
-    def _enqueue(self, k: torch.Tensor) -> None:
+    def after_loss(self, k: torch.Tensor) -> None:
+        """Enqueue the global batch's view-2 keys, once per step (N keys, also when symmetric)."""
         keys = concat_all_gather(k)
         ptr = int(self.queue_ptr)
         self.queue[ptr : ptr + keys.shape[0]] = keys  # QUEUE_SIZE % batch == 0 (validated)
@@ -264,12 +271,24 @@ class SimCLR(ContrastiveMethod):
 
 class SimMoCo(ContrastiveMethod):
     """SimMoCo (Zhang et al. 2022): momentum encoder (m = 0.99), no queue; each query's negatives
-    are the N - 1 other keys of the global batch; dual-temperature loss; symmetric."""
+    are the N - 1 other keys of the global batch, or with ``local_negatives`` (the official
+    script's behaviour, ``LOSS.LOCAL_NEGATIVES``) the n - 1 other keys of this process's batch;
+    dual-temperature loss."""
+
+    def __init__(self, *args, local_negatives: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local_negatives = local_negatives
+
+    def gather_keys(self, k: torch.Tensor) -> torch.Tensor:
+        return concat_all_gather(k)
 
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        k_all = concat_all_gather(k)
-        own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-        pos, neg = in_batch_logits(q, k_all, own)
+        if self.local_negatives or comm.get_world_size() == 1:
+            keys, first = k, 0
+        else:
+            keys, first = self.gather_keys(k), comm.get_rank() * q.shape[0]
+        own = first + torch.arange(q.shape[0], device=q.device)
+        pos, neg = in_batch_logits(q, keys, own)
         return self.contrast(pos, neg)
 
 
@@ -286,11 +305,8 @@ class SimCo(SimMoCo):
         self.record_stats(z1, z2)
         return {"loss": loss}
 
-    def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        k_all = concat_all_gather_with_grad(k)
-        own = comm.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-        pos, neg = in_batch_logits(q, k_all, own)
-        return self.contrast(pos, neg)
+    def gather_keys(self, k: torch.Tensor) -> torch.Tensor:
+        return concat_all_gather_with_grad(k)
 
 
 METHOD_CLASSES = {
@@ -308,7 +324,7 @@ def build_loss_fn(cfg) -> Callable[..., torch.Tensor]:
     extra = {
         "eqco": {"alpha": cfg.LOSS.ALPHA},
         "infonce": {"margin": cfg.LOSS.MARGIN},
-        "dclw": {"sigma": cfg.LOSS.SIGMA},
+        "dclw": {"sigma": cfg.LOSS.SIGMA, "detach_weight": cfg.LOSS.DCLW_DETACH_WEIGHT},
         "dual_temperature": {"beta": cfg.LOSS.BETA},
     }.get(name, {})
     return functools.partial(get_loss(name), **extra)
@@ -318,7 +334,9 @@ def build_method(cfg, device: torch.device) -> ContrastiveMethod:
     """The method of ``cfg.MODEL.METHOD`` on ``device``, with SyncBN when ``MODEL.NORM SyncBN`` and
     more than one process. Initialisation depends only on the current torch seed."""
     m = cfg.MODEL
-    encoder = build_encoder(m.ARCH, m.DIM, m.MLP_HIDDEN, m.MLP_BN, m.ZERO_INIT_RESIDUAL)
+    encoder = build_encoder(
+        m.ARCH, m.DIM, m.MLP_HIDDEN, m.MLP_BN, m.ZERO_INIT_RESIDUAL, m.HEAD_INIT_STD
+    )
     if m.NORM == "SyncBN" and comm.get_world_size() > 1:
         encoder = convert_to_sync_bn(encoder, device.type)
     # the negatives generator must be seeded identically on every process
@@ -347,9 +365,11 @@ def build_method(cfg, device: torch.device) -> ContrastiveMethod:
     elif method == "simclr":
         model = SimCLR(encoder, momentum=None, **common)
     elif method == "simmoco":
-        model = SimMoCo(encoder, momentum=m.MOMENTUM, **common)
+        model = SimMoCo(
+            encoder, momentum=m.MOMENTUM, local_negatives=cfg.LOSS.LOCAL_NEGATIVES, **common
+        )
     else:
-        model = SimCo(encoder, momentum=None, **common)
+        model = SimCo(encoder, momentum=None, local_negatives=cfg.LOSS.LOCAL_NEGATIVES, **common)
     model = model.to(device)
     if m.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)

@@ -46,14 +46,23 @@ def build_encoder(
     mlp_hidden: int = 2048,
     mlp_bn: bool = True,
     zero_init_residual: bool = False,
+    head_init_std: float = 0.0,
 ) -> torchvision.models.ResNet:
     """A randomly initialised torchvision ResNet (``arch``) with the projection head as ``fc``.
 
     torchvision's ResNet puts the stride of a bottleneck in the 3x3 conv (detectron2's
-    ``STRIDE_IN_1X1 False``), which the transfer stage relies on.
+    ``STRIDE_IN_1X1 False``), which the transfer stage relies on. ``zero_init_residual`` zeroes
+    the last BN gamma of every residual branch (``bn3`` / ``bn2``), the tensor the released SiMo
+    code's ``ZERO_INIT_RESIDUAL`` zeroes (``conv3.norm`` in detectron2/cvpods names).
+    ``head_init_std > 0`` draws the head's fc weights from N(0, std^2), as the released SiMo code
+    does with 0.01; 0 keeps PyTorch's default initialisation.
     """
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     net.fc = projection_head(net.fc.in_features, mlp_hidden, dim, mlp_bn)
+    if head_init_std > 0:
+        for layer in net.fc:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, mean=0.0, std=head_init_std)
     return net
 
 

@@ -13,7 +13,8 @@ from pretrain.methods import ContrastiveMethod, build_method
 from pretrain.models import NaiveSyncBatchNorm1d
 
 N = 8  # global batch
-METHODS = [("simo", "eqco"), ("simclr", "dcl"), ("simco", "dual_temperature")]
+# dclw: its weight is a softmax over the s+ of the global batch, gathered differentiably
+METHODS = [("simo", "eqco"), ("simclr", "dcl"), ("simclr", "dclw"), ("simco", "dual_temperature")]
 
 
 def _cfg(method, loss):
@@ -56,6 +57,16 @@ def _step(method, loss, rank=0, world=1, negatives_seed=None):
     return out.detach(), grads, buffers, model
 
 
+def _local_simmoco_loss(rank, world):
+    cfg = _cfg("simmoco", "dual_temperature")
+    cfg.LOSS.LOCAL_NEGATIVES, cfg.MODEL.NORM = True, "BN"
+    torch.manual_seed(0)
+    model = build_method(cfg, torch.device("cpu")).double()
+    im_q, im_k = _batch()
+    n = N // 2
+    return model(im_q[rank * n : (rank + 1) * n], im_k[rank * n : (rank + 1) * n])["loss"].detach()
+
+
 def _worker(rank, init_file, result_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -65,7 +76,16 @@ def _worker(rank, init_file, result_file):
         assert isinstance(model.encoder_q.fc[1], NaiveSyncBatchNorm1d)  # the head is synced too
         losses = [torch.zeros_like(out) for _ in range(2)]
         dist.all_gather(losses, out)
-        results[method] = {"loss": torch.stack(losses).mean(), "grads": grads, "buffers": buffers}
+        results[f"{method}/{loss}"] = {
+            "loss": torch.stack(losses).mean(),
+            "grads": grads,
+            "buffers": buffers,
+        }
+    # SimMoCo as the official script runs it: per-process BN and negatives from this process's
+    # batch only, i.e. each process computes the loss of a single process holding its half
+    local = [torch.zeros(()).double() for _ in range(2)]
+    dist.all_gather(local, _local_simmoco_loss(rank, world=2))
+    results["simmoco_local"] = torch.stack(local)
     # MoCo v2's shuffling BN: with per-sample BN (eval mode) shuffling the global batch across
     # processes, embedding and un-shuffling must give exactly the keys of this process's images
     cfg = _cfg("mocov2", "infonce")
@@ -106,7 +126,7 @@ def test_two_processes_equal_one_process(two_process_results, method, loss):
         ref_loss, ref_grads, ref_buffers, _ = _step(method, loss)
     finally:
         torch.set_num_threads(n)
-    got = two_process_results[method]
+    got = two_process_results[f"{method}/{loss}"]
     # DDP averages the per-process gradients of the per-process mean losses: the global mean
     assert torch.allclose(got["loss"], ref_loss, rtol=1e-10, atol=1e-12)
     assert got["grads"].keys() == ref_grads.keys() and len(ref_grads) > 60
@@ -132,4 +152,23 @@ def test_other_negatives_give_another_loss(two_process_results):
         other, _, _, _ = _step("simo", "eqco", negatives_seed=123)
     finally:
         torch.set_num_threads(n)
-    assert not torch.allclose(two_process_results["simo"]["loss"], other, rtol=1e-6)
+    assert not torch.allclose(two_process_results["simo/eqco"]["loss"], other, rtol=1e-6)
+
+
+def test_simmoco_local_negatives_are_per_process(two_process_results):
+    """LOSS.LOCAL_NEGATIVES with per-process BN: each of 2 processes gets the loss that one process
+    holding only its half computes; the global-negatives loss of the same batch differs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = torch.stack([_local_simmoco_loss(rank, world=1) for rank in range(2)])
+        cfg = _cfg("simmoco", "dual_temperature")
+        cfg.MODEL.NORM = "BN"
+        torch.manual_seed(0)
+        model = build_method(cfg, torch.device("cpu")).double()
+        im_q, im_k = _batch()
+        whole = model(im_q, im_k)["loss"].detach()
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(two_process_results["simmoco_local"], alone, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(alone.mean(), whole, rtol=1e-4)

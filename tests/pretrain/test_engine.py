@@ -213,6 +213,29 @@ def test_every_shipped_config_loads():
     assert alpha.LOSS.ALPHA == 65536.0 and alpha.MODEL.METHOD == "simo"
 
 
+def test_released_simo_config_is_the_released_run():
+    """configs/pretrain/simo_r50_200ep_released.yaml: all 255 other keys of N=256 as negatives,
+    one shared draw per step, plain InfoNCE, zero-init residual, N(0, 0.01) head, 10 warm-up
+    iterations; the paper's config keeps K=16, EqCo alpha=256 and an epoch-based warm-up."""
+    folder = os.path.join(ROOT, "configs", "pretrain")
+    rel = load_pretrain_cfg(os.path.join(folder, "simo_r50_200ep_released.yaml"), check_paths=False)
+    assert rel.MODEL.METHOD == "simo" and rel.SOLVER.IMS_PER_BATCH == 256
+    assert (rel.LOSS.NAME, rel.LOSS.NUM_NEGATIVES) == ("infonce", 255)
+    assert rel.LOSS.SHARED_NEGATIVES
+    assert rel.MODEL.ZERO_INIT_RESIDUAL and rel.MODEL.HEAD_INIT_STD == 0.01
+    assert (rel.SOLVER.BASE_LR, rel.SOLVER.WEIGHT_DECAY, rel.LOSS.TAU) == (0.03, 1e-4, 0.2)
+    assert engine.warmup_iterations(rel, iters_per_epoch=5004) == 10
+    paper = load_pretrain_cfg(os.path.join(folder, "simo_r50_200ep.yaml"), check_paths=False)
+    assert engine.warmup_iterations(paper, iters_per_epoch=5004) == 5 * 5004
+    assert not paper.MODEL.ZERO_INIT_RESIDUAL and not paper.LOSS.SHARED_NEGATIVES
+    official = load_pretrain_cfg(
+        os.path.join(folder, "simmoco_r50_200ep_official.yaml"), check_paths=False
+    )
+    assert official.LOSS.LOCAL_NEGATIVES and not official.LOSS.SYMMETRIC
+    assert (official.MODEL.NORM, official.SOLVER.WEIGHT_DECAY) == ("BN", 5e-4)
+    assert official.SOLVER.WARMUP_EPOCHS == 10.0
+
+
 def _cli(*args, timeout=600):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "pretrain.py"), *args],

@@ -83,14 +83,14 @@ def _in_graph_weights(out0, out1, sigma):
 @pytest.mark.parametrize("n,d,tau", CASES)
 def test_simclr_dclw_is_lightly_dclw(n, d, tau, sigma, dtype):
     x1, x2 = _embeddings(n, d, dtype)
-    # default: weight detached, exactly lightly's DCLWLoss (values and gradients)
-    detached = _value_and_grads(_ours(functools.partial(dclw, sigma=sigma), tau), x1, x2)
+    # detach_weight=True: exactly lightly's DCLWLoss (values and gradients)
+    detached_fn = functools.partial(dclw, sigma=sigma, detach_weight=True)
+    detached = _value_and_grads(_ours(detached_fn, tau), x1, x2)
     lightly_dclw = lightly_loss.DCLWLoss(temperature=tau, sigma=sigma)
     theirs = _value_and_grads(lightly_dclw, x1, x2)
     _assert_same(detached, theirs, dtype)
-    # detach_weight=False: the in-graph weight of the reference code, built on lightly's DCLLoss
-    in_graph_fn = functools.partial(dclw, sigma=sigma, detach_weight=False)
-    in_graph = _value_and_grads(_ours(in_graph_fn, tau), x1, x2)
+    # default: the in-graph weight of the reference code, built on lightly's DCLLoss
+    in_graph = _value_and_grads(_ours(functools.partial(dclw, sigma=sigma), tau), x1, x2)
     weight_fn = functools.partial(_in_graph_weights, sigma=sigma)
     reference = _value_and_grads(lightly_loss.DCLLoss(temperature=tau, weight_fn=weight_fn), x1, x2)
     _assert_same(in_graph, reference, dtype)

@@ -157,8 +157,9 @@ def test_invariant_to_the_order_of_negatives(name):
 
 
 # ---------------------------------------------------------------- gradients
-@pytest.mark.parametrize("name", ["infonce", "eqco", "dcl"])
+@pytest.mark.parametrize("name", ["infonce", "eqco", "dcl", "dclw"])
 def test_gradcheck(name):
+    """dclw: its weight is in the graph by default, so gradcheck differentiates through it."""
     pos, neg = _similarities(n=4, k=5)
     pos.requires_grad_()
     neg.requires_grad_()
@@ -167,10 +168,12 @@ def test_gradcheck(name):
 
 @pytest.mark.parametrize("name", ["dclw", "dual_temperature"])
 def test_weighted_losses_have_detached_weights(name):
-    """Their weights are constants for autograd: the gradient equals that of the loss with the
-    weights frozen at their current values (gradcheck would differentiate through the weights)."""
+    """Their weights are constants for autograd (dclw with detach_weight=True): the gradient
+    equals that of the loss with the weights frozen at their current values (gradcheck would
+    differentiate through the weights)."""
     pos, neg = _similarities(n=4, k=5)
     tau = 0.3
+    extra = dict(EXTRA[name], detach_weight=True) if name == "dclw" else EXTRA[name]
     if name == "dclw":
         w = 2 - 4 * torch.softmax(pos / 0.5, dim=0)
 
@@ -187,7 +190,7 @@ def test_weighted_losses_have_detached_weights(name):
             return (w * (torch.logsumexp(lg, 1) - lg[:, 0])).mean()
 
     p1, n1 = pos.clone().requires_grad_(), neg.clone().requires_grad_()
-    LOSSES[name](p1, n1, tau, **EXTRA[name]).backward()
+    LOSSES[name](p1, n1, tau, **extra).backward()
     p2, n2 = pos.clone().requires_grad_(), neg.clone().requires_grad_()
     assert torch.autograd.gradcheck(frozen, (p2, n2))
     frozen(p2, n2).backward()
@@ -353,11 +356,35 @@ def test_batch_negatives_are_uniform_over_the_other_keys(shared):
     assert (freq[off_diagonal] - expected).abs().max() < 0.04, freq
 
 
-def test_shared_batch_negatives_differ_by_at_most_one_key_per_query():
-    idx = sample_batch_negatives(32, 8, generator=torch.Generator().manual_seed(0), shared=True)
-    first = set(idx[0].tolist())
-    for row in idx.tolist():
-        assert len(first & set(row)) >= 8 - 2  # each row swaps at most one of the K common keys
+def _released_negatives(sims: torch.Tensor, neg_perm: torch.Tensor) -> torch.Tensor:
+    """The released SiMo code's selection, written as it is there (NT_Xent.forward, Megvii's
+    SelfSup): drop the diagonal of the B x B similarity matrix, keep the columns neg_perm of every
+    row."""
+    b = sims.shape[0]
+    neg_mask = ~torch.eye(b, dtype=torch.bool)
+    return sims[neg_mask].reshape(b, -1)[:, neg_perm]
+
+
+@pytest.mark.parametrize("b,k", [(16, 5), (16, 15), (256, 16), (256, 255)])
+def test_shared_negatives_are_the_released_selection(b, k):
+    """shared=True picks, for a given generator state, exactly the logits the released code picks
+    from ``randperm(B - 1)[:K]``; a rank holding rows 4..7 gets those rows of the same selection."""
+    g = torch.Generator().manual_seed(3)
+    sims = torch.randn(b, b, generator=g, dtype=torch.float64)
+    for step in range(3):
+        state = g.get_state()
+        neg_perm = torch.randperm(b - 1, generator=g)[:k]
+        g.set_state(state)
+        idx = sample_batch_negatives(b, k, generator=g, shared=True)
+        want = _released_negatives(sims, neg_perm)
+        assert torch.equal(sims.gather(1, idx), want)
+        g.set_state(state)
+        own = torch.arange(4, 8)
+        local = sample_batch_negatives(b, k, own, generator=g, shared=True)
+        assert torch.equal(sims[own].gather(1, local), want[4:8])
+    if k == b - 1:  # the released K = 255 at N = 256: every other key, in a random order
+        assert torch.equal(idx.sort(1).values, _released_negatives(
+            torch.arange(b).expand(b, b), torch.arange(b - 1)))
 
 
 def test_batch_negatives_need_enough_keys_and_are_deterministic():

@@ -61,9 +61,25 @@ def test_simo_head_is_fc_bn_relu_fc_bn():
     assert enc.fc[0].in_features == 512 and enc.fc[3].out_features == 16
 
 
-def test_zero_init_residual():
-    enc = build_encoder("resnet50", zero_init_residual=True)
-    assert torch.count_nonzero(enc.layer1[0].bn3.weight) == 0
+def test_zero_init_residual_and_head_init():
+    """ZERO_INIT_RESIDUAL zeroes the last BN gamma of every residual branch (the released code's
+    conv3.norm), so at init every block outputs relu(x + shortcut(x)); HEAD_INIT_STD draws the
+    head's fc weights from N(0, std^2)."""
+    torch.manual_seed(0)
+    enc = build_encoder("resnet50", zero_init_residual=True, head_init_std=0.01).eval()
+    blocks = [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+    assert len(blocks) == 16
+    for block in blocks:
+        assert torch.count_nonzero(block.bn3.weight) == 0
+        assert torch.count_nonzero(block.bn1.weight) == block.bn1.weight.numel()
+    x = torch.randn(2, 256, 8, 8)
+    assert torch.equal(enc.layer1[1](x), torch.relu(x))
+    for layer in (enc.fc[0], enc.fc[3]):
+        assert abs(layer.weight.std().item() - 0.01) < 1e-3
+    default = build_encoder("resnet50")
+    assert default.layer1[0].bn3.weight.eq(1).all()
+    assert default.fc[0].weight.std().item() < 0.015  # kaiming uniform: 1/sqrt(3 * 2048) ~ 0.013
+    assert abs(default.fc[3].weight.std().item() - 0.01) > 1e-3
 
 
 def test_convert_to_sync_bn_keeps_keys_and_values():
@@ -168,3 +184,66 @@ def test_every_method_takes_a_finite_step(method, loss):
     assert not torch.equal(before, model.encoder_q.conv1.weight)
     if method == "mocov2":
         assert int(model.queue_ptr) == 8  # the batch's keys were enqueued
+
+
+def test_simo_shared_negatives_are_the_released_selection():
+    """SiMo with LOSS.SHARED_NEGATIVES: for the model's generator state, the logits of each query
+    are those the released code selects with ``randperm(B - 1)[:K]`` (one draw per step)."""
+    captured = {}
+
+    def spy(pos, neg, tau):
+        captured["neg"] = neg
+        return neg.mean() - pos.mean()
+
+    model = SiMo(build_encoder("resnet18", 16, 32), spy, 0.2, momentum=0.9, num_negatives=5,
+                 shared_negatives=True, seed=4)
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    for _ in range(3):
+        state = model.generator.get_state()
+        neg_perm = torch.randperm(7, generator=torch.Generator().set_state(state))[:5]
+        model.pair_loss(q, k)
+        sims = q @ k.t()
+        released = sims[~torch.eye(8, dtype=torch.bool)].reshape(8, -1)[:, neg_perm]
+        torch.testing.assert_close(captured["neg"], released)
+
+
+def test_mocov2_symmetric_enqueues_once_and_never_scores_the_own_key():
+    """LOSS.SYMMETRIC with MoCo v2: both halves score against the queue of before the step, so no
+    query meets a key of its own image among its negatives; the queue advances N per step."""
+    torch.manual_seed(0)
+    cfg = _tiny_cfg("mocov2", **{"LOSS.SYMMETRIC": True, "LOSS.QUEUE_SIZE": 16,
+                                 "MODEL.MLP_BN": False, "MODEL.NORM": "BN"})
+    model = build_method(cfg, torch.device("cpu"))
+    seen = {"q": [], "k": [], "neg": []}
+    embed_q, embed_k, loss_fn = model.embed_q, model.embed_k, model.loss_fn
+
+    def record(name, fn):
+        def wrapped(x):
+            seen[name].append(fn(x))
+            return seen[name][-1]
+        return wrapped
+
+    def spy(pos, neg, tau):
+        seen["neg"].append(neg)
+        return loss_fn(pos, neg, tau)
+
+    model.embed_q, model.embed_k, model.loss_fn = record("q", embed_q), record("k", embed_k), spy
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        for v in seen.values():
+            v.clear()
+        queue_before = model.queue.clone()
+        im_q, im_k = torch.randn(2, 8, 3, 32, 32, generator=g)
+        model(im_q, im_k)["loss"].backward()
+        q1, q2 = seen["q"]
+        k2, k1 = seen["k"]  # view 2's keys for half 1, view 1's keys for half 2
+        for q, neg in zip((q1, q2), seen["neg"], strict=True):
+            torch.testing.assert_close(neg, q @ queue_before.t())  # the queue of before the step
+            for own in (k1, k2):  # either view of the query's own image
+                own_sim = (q * own).sum(1, keepdim=True)
+                assert ((neg - own_sim).abs() > 1e-5).all()
+        assert int(model.queue_ptr) == (step + 1) * 8 % 16
+        ptr = step * 8 % 16
+        torch.testing.assert_close(model.queue[ptr : ptr + 8], k2)  # view 2's keys, once
