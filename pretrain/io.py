@@ -112,7 +112,8 @@ def load_checkpoint(path: str, unsafe: bool = False) -> Any:
 
 
 class _WeightsUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and numpy arrays: what a detectron2 weights .pkl holds."""
+    """Unpickles only plain containers and numpy arrays: what a detectron2 or Caffe2 (Detectron)
+    weights .pkl holds."""
 
     _ALLOWED = {
         ("collections", "OrderedDict"),
@@ -124,6 +125,8 @@ class _WeightsUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 arrays
         ("numpy._core.numeric", "_frombuffer"),
+        # bytes (array data) in a protocol 0-2 pickle written by Python 3: str -> bytes, no code
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -135,7 +138,8 @@ class _WeightsUnpickler(pickle.Unpickler):
 
 
 def load_weights_pickle(path: str, unsafe: bool = False) -> Any:
-    """Load a detectron2-style weights ``.pkl`` (dict of numpy arrays) without running code.
+    """Load a detectron2 or Caffe2-style weights ``.pkl`` (dict of numpy arrays) without running
+    code; Python 2 pickles are read with ``encoding="latin1"`` as detectron2 does.
 
     Anything but containers, numbers, strings and numpy arrays is refused unless ``unsafe=True``.
     """

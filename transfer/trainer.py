@@ -7,9 +7,11 @@ import math
 import os
 import weakref
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
@@ -24,12 +26,51 @@ logger = logging.getLogger(__name__)
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def read_weights(path: str, unsafe: bool = False) -> dict[str, Any]:
+    """Read a ``.pkl`` or ``.pyth`` weights file into the dict that detectron2's
+    ``DetectionCheckpointer._load_file`` returns for it, without running code from the file.
+
+    * ``{"model": ..., "__author__": ...}`` pickles (detectron2 model zoo, tools/convert.py): as is.
+    * any other pickle is Caffe2 / Detectron format (e.g. ``ImageNetPretrained/MSRA/R-50.pkl``):
+      ``data["blobs"]`` if present (detection models) else the dict itself (ImageNet models), less
+      the ``*_momentum`` blobs, as ``{"model": blobs, "__author__": "Caffe2",
+      "matching_heuristics": True}``; detectron2 then renames the blobs (``res2_0_branch2a_w`` ->
+      ``res2.0.conv1.weight``, ...) when it loads them.
+    * ``.pyth`` (pycls): ``{"model": model_state less num_batches_tracked, "__author__": "pycls",
+      "matching_heuristics": True}``.
+    """
+    if path.endswith(".pyth"):
+        data = load_checkpoint(path, unsafe=unsafe)
+        if not (isinstance(data, dict) and isinstance(data.get("model_state"), dict)):
+            raise UserError(f"{path}: not a pycls checkpoint (no 'model_state' dict inside).")
+        state = {
+            k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+        }
+        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+    data = load_weights_pickle(path, unsafe=unsafe)
+    # detectron2 also wants "__author__"; a dict-valued "model" is never a Caffe2 blob, so such
+    # files (which this checkpointer always accepted) keep loading as detectron2 weights
+    if isinstance(data, dict) and "model" in data:
+        if "__author__" in data or isinstance(data["model"], dict):
+            return data
+    blobs = data.get("blobs", data) if isinstance(data, dict) else None
+    if not (isinstance(blobs, dict) and all(isinstance(k, str) for k in blobs)):
+        raise UserError(
+            f"{path}: not detectron2 or Caffe2 weights (neither a 'model' entry nor a dict of "
+            "named arrays)."
+        )
+    blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+    return {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+
+
 class SafeDetectionCheckpointer(AtomicCheckpointer, DetectionCheckpointer):
     """DetectionCheckpointer that writes atomically (the pretraining engine's ``save``) and never
     runs code from a weights file.
 
-    ``.pkl`` files are read with a restricted unpickler (containers and numpy arrays only) and
-    ``.pth`` files with ``torch.load(weights_only=True)``; ``unsafe=True`` lifts both limits.
+    It reads what detectron2 reads (detectron2 and Caffe2 ``.pkl``, pycls ``.pyth``, torch files,
+    ``PATH?matching_heuristics=True``): ``.pkl`` files with a restricted unpickler (containers and
+    numpy arrays only), the others with ``torch.load(weights_only=True)``; ``unsafe=True`` lifts
+    both limits.
     """
 
     def __init__(self, *args: Any, unsafe: bool = False, **kwargs: Any) -> None:
@@ -37,13 +78,16 @@ class SafeDetectionCheckpointer(AtomicCheckpointer, DetectionCheckpointer):
         self.unsafe = unsafe
 
     def _load_file(self, filename: str) -> dict[str, Any]:
-        if filename.endswith(".pkl"):
-            data = load_weights_pickle(filename, unsafe=self.unsafe)
-            if not (isinstance(data, dict) and "model" in data):
-                raise UserError(f"{filename}: not detectron2 weights (no 'model' entry).")
+        if filename.endswith((".pkl", ".pyth")):
+            data = read_weights(filename, unsafe=self.unsafe)
+            if "__author__" in data:
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
             return data
-        data = load_checkpoint(filename, unsafe=self.unsafe)
-        return data if "model" in data else {"model": data}
+        # detectron2's own: self._torch_load, then the ?matching_heuristics=True of the URL
+        return DetectionCheckpointer._load_file(self, filename)
+
+    def _torch_load(self, f: str) -> Any:
+        return load_checkpoint(f, unsafe=self.unsafe)
 
 
 def _looks_like_torchvision_or_pretrain(ckpt: Any) -> bool:
@@ -59,6 +103,17 @@ def _looks_like_torchvision_or_pretrain(ckpt: Any) -> bool:
     )
 
 
+def _caffe2_shapes(path: str, blobs: dict[str, Any]) -> dict[str, tuple]:
+    """detectron2's names and shapes for Caffe2 blobs: its own renaming, applied to shape-only
+    (meta) tensors so that no data is copied."""
+    meta = {k: torch.empty(tuple(getattr(v, "shape", ())), device="meta") for k, v in blobs.items()}
+    try:
+        renamed, _ = convert_c2_detectron_names(meta)
+    except (AssertionError, RuntimeError, IndexError) as e:
+        raise UserError(f"MODEL.WEIGHTS {path}: its blob names are not Caffe2 names ({e}).") from e
+    return {k: tuple(v.shape) for k, v in renamed.items()}
+
+
 def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) -> dict[str, Any]:
     """Validate ``MODEL.WEIGHTS`` against the built model before any training; return its
     provenance.
@@ -66,19 +121,23 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
     Refuses (one sentence each): a missing file; a raw pretraining / torchvision checkpoint (it must
     go through tools/convert.py first); weights whose backbone tensors have other shapes than this
     model's (a different depth or width); weights that contain no tensor of this model at all.
+    Head tensors of another shape (another NUM_CLASSES) are left to detectron2, which skips them.
     """
     path = cfg.MODEL.WEIGHTS
     if not path:
         return {"name": "random init"}
     if "://" in path:  # detectron2:// or http(s):// model-zoo URL, resolved by detectron2
         return {"name": os.path.basename(path), "source": path}
+    # like DetectionCheckpointer.load: a query (?matching_heuristics=True) is not part of the file
+    url = urlparse(path)
+    path = url._replace(query="").geturl()
     if not os.path.isfile(path):
         raise UserError(
             f"MODEL.WEIGHTS {path} not found; convert a pretraining checkpoint with "
             "`python tools/convert.py CKPT.pth OUT.pkl --verify` and pass OUT.pkl."
         )
-    if path.endswith(".pkl"):
-        data = load_weights_pickle(path, unsafe=unsafe)
+    if path.endswith((".pkl", ".pyth")):
+        data = read_weights(path, unsafe=unsafe)
     else:
         data = load_checkpoint(path, unsafe=unsafe)
         if _looks_like_torchvision_or_pretrain(data):
@@ -87,27 +146,48 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
                 f"weights; run `python tools/convert.py {path} OUT.pkl --verify` first and pass "
                 "OUT.pkl."
             )
+        if isinstance(data, dict) and "model" not in data:  # a bare state dict, as detectron2
+            data = {"model": data}
+        if isinstance(data, dict) and parse_qs(url.query).get("matching_heuristics") == ["True"]:
+            data["matching_heuristics"] = True
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
         raise UserError(f"MODEL.WEIGHTS {path}: not detectron2 weights (no 'model' dict inside).")
 
     weights = data["model"]
+    if data.get("__author__") == "Caffe2":
+        shapes = _caffe2_shapes(path, weights)
+    else:
+        shapes = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
     model = model.module if hasattr(model, "module") else model
-    own = {k: v.shape for k, v in model.state_dict().items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     prefix = "backbone.bottom_up."
     bottom_up = {k[len(prefix) :]: s for k, s in own.items() if k.startswith(prefix)}
+    # converted backbones and (renamed) Caffe2 blobs use bare ResNet names (stem.*, res2.*), which
+    # only detectron2's name matching (matching_heuristics) finds; full detectors use model names
+    heuristics = bool(data.get("matching_heuristics"))
     matched = 0
-    for name, value in weights.items():
-        # converted backbones use bare ResNet names (stem.*, res2.*); full detectors use model names
-        target = own.get(name, bottom_up.get(name))
+    for name, shape in shapes.items():
+        target = own.get(name, bottom_up.get(name) if heuristics else None)
         if target is None:
+            if name in bottom_up:  # detectron2 reads the flag of a .pkl from the file itself
+                fix = (
+                    "store 'matching_heuristics': True in it (tools/convert.py does)"
+                    if path.endswith(".pkl")
+                    else f"pass MODEL.WEIGHTS {path}?matching_heuristics=True"
+                )
+                raise UserError(
+                    f"MODEL.WEIGHTS {path} has bare backbone names ({name}) that detectron2 "
+                    f"only matches by name heuristics; {fix}."
+                )
             continue
-        shape = tuple(getattr(value, "shape", ()))
-        if shape != tuple(target):
-            raise UserError(
-                f"MODEL.WEIGHTS {path} does not fit this model: {name} has shape {shape} but the "
-                f"config builds {tuple(target)}; check MODEL.RESNETS.DEPTH / RES2_OUT_CHANNELS "
-                "against the network that was converted."
-            )
+        if shape != target:
+            if name in bottom_up or name.startswith("backbone."):
+                raise UserError(
+                    f"MODEL.WEIGHTS {path} does not fit this model: {name} has shape {shape} but "
+                    f"the config builds {target}; check MODEL.RESNETS.DEPTH / RES2_OUT_CHANNELS "
+                    "against the network that was converted."
+                )
+            continue
         matched += 1
     if matched == 0:
         raise UserError(

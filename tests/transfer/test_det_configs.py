@@ -5,16 +5,28 @@ import os
 
 import pytest
 import torch
+from detectron2.config import get_cfg
 
 from transfer.config import load_config, resolve_device_and_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+FPN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "fpn_*.yaml")))
+MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+# (INPUT.FORMAT, PIXEL_MEAN, PIXEL_STD, RESNETS.STRIDE_IN_1X1) that the weights were trained with
+TORCHVISION = ("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], False)
+MSRA = ("BGR", [103.53, 116.28, 123.675], [1.0, 1.0, 1.0], True)
+
+
+def input_convention(cfg):
+    m = cfg.MODEL
+    return (cfg.INPUT.FORMAT, list(m.PIXEL_MEAN), list(m.PIXEL_STD), m.RESNETS.STRIDE_IN_1X1)
 
 
 def test_there_are_detection_configs():
     names = {os.path.basename(p) for p in DET_CONFIGS}
-    assert {"fpn_simo_1x.yaml", "fpn_random_init_1x.yaml", "fpn_supervised_1x.yaml"} <= names
+    assert {"fpn_simo_1x.yaml", "fpn_random_init_1x.yaml", "fpn_supervised_1x.yaml",
+            "fpn_supervised_tv_1x.yaml"} <= names  # fmt: skip
     assert "shapes_fpn_cpu.yaml" in names
 
 
@@ -28,11 +40,45 @@ def test_config_merges_with_paper_architecture(path):
     assert (m.ROI_BOX_HEAD.NAME, m.ROI_BOX_HEAD.NUM_CONV, m.ROI_BOX_HEAD.NUM_FC) == (
         "FastRCNNConvFCHead", 4, 1)  # fmt: skip
     assert m.RESNETS.NORM == m.FPN.NORM == m.ROI_BOX_HEAD.NORM == "SyncBN"
-    assert m.BACKBONE.FREEZE_AT == 0 and m.RESNETS.STRIDE_IN_1X1 is False
-    assert cfg.INPUT.FORMAT == "RGB"
-    assert list(m.PIXEL_MEAN) == [123.675, 116.28, 103.53]
-    assert list(m.PIXEL_STD) == [58.395, 57.12, 57.375]
+    assert m.BACKBONE.FREEZE_AT == 0
+    # torchvision conventions everywhere except for the MSRA (Caffe2) weights of detectron2's zoo
+    assert input_convention(cfg) == (MSRA if "/MSRA/" in m.WEIGHTS else TORCHVISION)
     assert cfg.TEST.PRECISE_BN.ENABLED
+
+
+def test_msra_convention_is_detectron2s():
+    # detectron2's defaults are the MSRA R-50's input convention (its model zoo configs only set
+    # MODEL.WEIGHTS); our base config overrides them with torchvision's
+    assert input_convention(get_cfg()) == MSRA
+
+
+@pytest.mark.parametrize("path", FPN_CONFIGS, ids=os.path.basename)
+def test_fpn_configs_only_differ_in_weights(path):
+    """Each fpn_*.yaml is the paper setting with its own weights and OUTPUT_DIR; the MSRA row also
+    sets the input convention of its weights."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    cfg = load_config(path, [])
+    assert cfg.OUTPUT_DIR == f"output/det/{name}"
+    base = load_config(os.path.join(ROOT, "configs", "Base-RCNN-FPN-4conv1fc-SyncBN.yaml"), [])
+    keys = ["MODEL.WEIGHTS", "OUTPUT_DIR"]
+    if input_convention(cfg) == MSRA:
+        keys += ["INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"]
+        keys += ["MODEL.RESNETS.STRIDE_IN_1X1"]
+    for c in (cfg, base):
+        for key in keys:
+            *parents, leaf = key.split(".")
+            node = c
+            for part in parents:
+                node = node[part]
+            node[leaf] = None
+    assert cfg == base
+
+
+def test_supervised_rows():
+    cfg = load_config(os.path.join(ROOT, "configs", "fpn_supervised_1x.yaml"), [])
+    assert cfg.MODEL.WEIGHTS == MSRA_R50 and input_convention(cfg) == MSRA
+    tv = load_config(os.path.join(ROOT, "configs", "fpn_supervised_tv_1x.yaml"), [])
+    assert tv.MODEL.WEIGHTS == "output/supervised_r50.pkl" and input_convention(tv) == TORCHVISION
 
 
 def test_fpn_simo_1x_is_the_paper_schedule():
