@@ -1,26 +1,33 @@
-"""Safe checkpoint I/O and the one-sentence error that every CLI prints instead of a traceback."""
+"""File I/O of the whole project: atomic writes, safe checkpoint/weights loading, the readers of
+run outputs (results.json, metrics.json), and the one-sentence error that every CLI prints
+instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import pickle
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
 __all__ = [
     "UserError",
+    "atomic_open",
     "atomic_save",
     "atomic_write_text",
+    "read_json",
+    "read_metrics",
     "remove_stale_temp_files",
     "load_checkpoint",
     "load_weights_pickle",
     "exit_on_user_error",
 ]
 
-# prefix of the temporary files of atomic_save / atomic_write_text (see remove_stale_temp_files)
+# prefix of the temporary files of atomic_open (see remove_stale_temp_files)
 TEMP_PREFIX = ".tmp_"
 
 
@@ -32,17 +39,25 @@ class UserError(Exception):
     """
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for writing; on success fsync it and rename it over
+    ``path``, on an exception delete it. Every file the project writes goes through here.
 
-    A crash (even SIGKILL) at any moment leaves either the old file or the complete new one.
+    A crash (even SIGKILL) at any moment leaves either the old file or the complete new one (and
+    at most a ``.tmp_*`` file that :func:`remove_stale_temp_files` deletes)::
+
+        with atomic_open("results.json") as f:
+            json.dump(results, f)
     """
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes files; got mode {mode!r}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,15 +67,55 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_open`."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a small text file (``last_checkpoint``, ``results.json``): temp file, fsync, rename."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}_{name}")
-    with open(tmp, "w") as f:
+    """Write a text file (``last_checkpoint``, ``results.json``) through :func:`atomic_open`."""
+    with atomic_open(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON document in ``path``, or None if the file is missing or not valid JSON (e.g. a
+    ``results.json`` of an older, interrupted run)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.json`` (detectron2's ``JSONWriter``: one JSON object per line) ->
+    ``{key: [(iteration, value)]}`` sorted by iteration.
+
+    A resumed run repeats iterations: the last value written wins. Lines that are not JSON (a run
+    killed mid-write) and non-numeric values are skipped. A missing file gives ``{}``.
+    """
+    series: dict[str, dict[int, float]] = {}
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("iteration"), (int, float)):
+                continue
+            it = int(rec["iteration"])
+            for key, value in rec.items():
+                if (
+                    key != "iteration"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    series.setdefault(key, {})[it] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def remove_stale_temp_files(directory: str) -> list[str]:
