@@ -17,7 +17,7 @@ Timed in alternating rounds (``--warmup`` untimed rounds, then the median of ``-
   (``weights_only``), recognition, backbone extraction, renaming, shape checks, sha256 of the
   source, provenance, pickle written with fsync and renamed into place (tools/convert.py without
   ``--verify``);
-* **verify**: ``transfer.convert.verify_conversion(out.pkl, backbone)``: what ``--verify`` adds
+* **verify**: ``transfer.verify.verify_conversion(out.pkl, backbone)``: what ``--verify`` adds
   (build detectron2's ResNet, load the pickle through ``DetectionCheckpointer``, compare stem and
   res2..res5 with torchvision's on one 64 px image);
 * **reference**: ``torch.load(ckpt, map_location="cpu", weights_only=True)``, then
@@ -47,9 +47,11 @@ import torch  # noqa: E402
 
 from bench.common import RATIO_HEADER, append_result  # noqa: E402
 from pretrain.config import ARCHS, get_pretrain_cfg  # noqa: E402
-from pretrain.engine import AtomicCheckpointer, num_negatives_per_query  # noqa: E402
+from pretrain.engine import AtomicCheckpointer  # noqa: E402
+from pretrain.pretrainer import num_negatives_per_query  # noqa: E402
 from pretrain.methods import build_method  # noqa: E402
-from transfer.convert import convert, verify_conversion  # noqa: E402
+from transfer.convert import convert  # noqa: E402
+from transfer.verify import verify_conversion  # noqa: E402
 
 BATCH = 4  # images of the one SGD step that fills the checkpoint's buffers
 STEP_SIZE = 32  # pixels

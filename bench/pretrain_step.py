@@ -5,8 +5,8 @@ pipeline, e.g.
     python bench/pretrain_step.py --arch resnet50 --size 224 --batch 64 --amp bf16 # a GPU
     python bench/pretrain_step.py --arch resnet50 --size 64 --batch 32 --threads 2  # this CPU box
 
-* engine step: ``Pretrainer``'s real trainer (``ContrastiveTrainer.run_step`` + all its hooks:
-  timer, lr scheduler, progress, periodic checkpointer, metric writers, NaN check) fed one fixed
+* engine step: ``Pretrainer``'s real trainer (detectron2's ``SimpleTrainer.run_step`` + all its
+  hooks: timer, lr scheduler, progress, periodic checkpointer, metric writers, NaN check) fed one fixed
   in-memory batch, so data loading is excluded;
 * reference step: the same model (a copy with the same weights) and batch in a bare
   ``loss = model(q, k); opt.zero_grad(); loss.backward(); opt.step()`` loop;
@@ -47,7 +47,7 @@ from pretrain.data import (  # noqa: E402
     build_train_loader,
     moco_v2_transform,
 )
-from pretrain.engine import Pretrainer  # noqa: E402
+from pretrain.pretrainer import Pretrainer  # noqa: E402
 from transfer.shapes import make_shapes  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def bench_step(args, out_dir):
         [p for p in ref_model.parameters() if p.requires_grad], lr=pt.lr, momentum=0.9,
         weight_decay=1e-4,
     )  # fmt: skip
-    amp = pt.trainer.amp_dtype
+    amp = getattr(pt.trainer, "precision", None)  # AMPTrainer's autocast dtype
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     cl = torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -101,7 +101,7 @@ def bench_step(args, out_dir):
         k = im_k.to(device, non_blocking=True).contiguous(memory_format=cl)
         ref_opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = ref_model(q, k)["loss"]
+            loss = ref_model.losses(q, k)["loss"]
         scaler.scale(loss).backward()
         scaler.step(ref_opt)
         scaler.update()

@@ -1,15 +1,18 @@
-"""The contrastive methods, one short class each: SiMo (default), MoCo v2, SimCLR, SimMoCo, SimCo.
+"""The contrastive methods, one short class each, registered in :data:`METHOD_REGISTRY` under
+their lower-case class name (``MODEL.METHOD``): SiMo (default), MoCo v2, SimCLR, SimMoCo, SimCo.
 
-Each is an ``nn.Module`` whose ``forward(im_q, im_k)`` returns ``{"loss": scalar}`` for this
-process's share of the global batch; with DDP averaging the gradients over processes, the update
-equals that of one process holding the whole global batch (tested in test_distributed.py).
-Losses come from :mod:`pretrain.losses` by name (``LOSS.NAME``), so any method can be combined with
-any loss; the defaults of each method are those of its paper (configs/pretrain/*.yaml).
+Each is an ``nn.Module`` whose ``forward(batch)`` takes the loader's batch ``((im_q, im_k),
+labels)`` and returns ``{"loss": scalar}`` for this process's share of the global batch, so
+detectron2's ``SimpleTrainer`` / ``AMPTrainer`` train it as they are. With DDP averaging the
+gradients over processes, the update equals that of one process holding the whole global batch
+(tested in test_distributed.py). Each class declares the config keys it reads
+(``from_config``) and its number of negatives per query. Losses come from
+:mod:`pretrain.losses` by name (``LOSS.NAME``), so any method can be combined with any loss.
 
 Every forward also leaves detached per-step health values in ``method.stats`` (contrastive top-1,
 alignment, uniformity, embedding std; :mod:`pretrain.health`), computed without autograd from the
-logits and embeddings the loss already uses. They are not in the returned dict, which
-``SimpleTrainer`` sums into the loss.
+logits and embeddings the loss already uses. They are not in the returned dict, which the trainer
+sums into the loss.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from detectron2.utils import comm
+from detectron2.utils.registry import Registry
 from fvcore.nn.distributed import differentiable_all_gather
 from torch import nn
 
@@ -30,6 +34,9 @@ from pretrain.losses import get_loss, pairwise_logits, sample_batch_negatives
 from pretrain.models import build_encoder, convert_to_sync_bn
 
 __all__ = [
+    "METHOD_REGISTRY",
+    "method_names",
+    "method_class",
     "concat_all_gather",
     "concat_all_gather_with_grad",
     "in_batch_logits",
@@ -39,10 +46,26 @@ __all__ = [
     "SimCLR",
     "SimMoCo",
     "SimCo",
-    "METHOD_CLASSES",
     "build_method",
     "build_loss_fn",
 ]
+
+
+METHOD_REGISTRY = Registry("METHOD")
+METHOD_REGISTRY.__doc__ = """Contrastive methods; ``MODEL.METHOD`` is the lower-case class name."""
+
+
+def method_names() -> tuple:
+    """The valid ``MODEL.METHOD`` values, in registration order."""
+    return tuple(name.lower() for name, _ in METHOD_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    """The registered class whose lower-case name is ``name``."""
+    for registered, cls in METHOD_REGISTRY:
+        if registered.lower() == name:
+            return cls
+    raise KeyError(f"MODEL.METHOD {name!r} is not registered; choose one of {method_names()}.")
 
 
 @torch.no_grad()
@@ -128,6 +151,7 @@ class ContrastiveMethod(nn.Module):
             for p in self.encoder_k.parameters():
                 p.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.channels_last = False  # set by build_method from MODEL.CHANNELS_LAST
         self.stats: Dict[str, torch.Tensor] = {}
         self._top1: List[torch.Tensor] = []
 
@@ -160,7 +184,29 @@ class ContrastiveMethod(nn.Module):
         self._top1 = []
         self.stats = embedding_stats(q, k, top1)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        """The constructor arguments this method reads from the config, besides the encoder,
+        loss, temperature, symmetry and seed that every method gets."""
+        return {}
+
+    @classmethod
+    def num_negatives(cls, cfg) -> int:
+        """How many negatives each query is contrasted with under ``cfg``."""
+        raise NotImplementedError
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """``batch`` = ``((im_q, im_k), labels)`` from the loader (labels unused); the images go
+        to this module's device (NHWC if :attr:`channels_last`) and into :meth:`losses`."""
+        (im_q, im_k), _labels = batch
+        device = next(self.encoder_q.parameters()).device
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        return self.losses(im_q, im_k)
+
+    def losses(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"loss": ...}`` of the two views (already on the device)."""
         self._top1 = []
         if self.momentum is not None:
             with torch.no_grad():
@@ -179,6 +225,7 @@ class ContrastiveMethod(nn.Module):
         enqueues them here)."""
 
 
+@METHOD_REGISTRY.register()
 class SiMo(ContrastiveMethod):
     """SiMo (EqCo paper, section 3): MoCo v2 without the memory bank.
 
@@ -189,8 +236,20 @@ class SiMo(ContrastiveMethod):
 
     def __init__(self, *args, num_negatives: int = 16, shared_negatives: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_negatives = num_negatives
+        self.k = num_negatives
         self.shared_negatives = shared_negatives
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        return {
+            "momentum": cfg.MODEL.MOMENTUM,
+            "num_negatives": cfg.LOSS.NUM_NEGATIVES,
+            "shared_negatives": cfg.LOSS.SHARED_NEGATIVES,
+        }
+
+    @classmethod
+    def num_negatives(cls, cfg) -> int:
+        return cfg.LOSS.NUM_NEGATIVES
 
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         k_all = concat_all_gather(k)
@@ -199,7 +258,7 @@ class SiMo(ContrastiveMethod):
         # identical negatives to a single process holding the global batch
         idx = sample_batch_negatives(
             k_all.shape[0],
-            self.num_negatives,
+            self.k,
             generator=self.generator,
             shared=self.shared_negatives,
         )
@@ -208,6 +267,7 @@ class SiMo(ContrastiveMethod):
         return self.contrast(pos, neg)
 
 
+@METHOD_REGISTRY.register()
 class MoCoV2(ContrastiveMethod):
     """MoCo v2 (Chen et al. 2020): negatives from a FIFO queue of past keys; shuffling BN."""
 
@@ -219,6 +279,19 @@ class MoCoV2(ContrastiveMethod):
         g = torch.Generator().manual_seed(int(self.generator.initial_seed()) + 1)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        return {
+            "momentum": cfg.MODEL.MOMENTUM,
+            "dim": cfg.MODEL.DIM,
+            "queue_size": cfg.LOSS.QUEUE_SIZE,
+            "shuffle_bn": cfg.MODEL.SHUFFLE_BN,
+        }
+
+    @classmethod
+    def num_negatives(cls, cfg) -> int:
+        return cfg.LOSS.QUEUE_SIZE
 
     @torch.no_grad()
     def embed_k(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,12 +322,21 @@ class MoCoV2(ContrastiveMethod):
         self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
 
 
+@METHOD_REGISTRY.register()
 class SimCLR(ContrastiveMethod):
     """SimCLR-style symmetric in-batch method (one encoder, no momentum): each of the 2N views is
     an anchor whose positive is the other view of its image and whose 2N - 2 negatives are all
     other views of the global batch. With ``LOSS.NAME dcl`` / ``dclw`` this is DCL / DCLW."""
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        return {"momentum": None}
+
+    @classmethod
+    def num_negatives(cls, cfg) -> int:
+        return 2 * cfg.SOLVER.IMS_PER_BATCH - 2
+
+    def losses(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._top1 = []
         z = torch.cat([self.embed_q(im_q), self.embed_q(im_k)])  # [2n, d]: view 1, then view 2
         n, rank = im_q.shape[0], comm.get_rank()
@@ -269,6 +351,7 @@ class SimCLR(ContrastiveMethod):
         return {"loss": loss}
 
 
+@METHOD_REGISTRY.register()
 class SimMoCo(ContrastiveMethod):
     """SimMoCo (Zhang et al. 2022): momentum encoder (m = 0.99), no queue; each query's negatives
     are the N - 1 other keys of the global batch, or with ``local_negatives`` (the official
@@ -278,6 +361,14 @@ class SimMoCo(ContrastiveMethod):
     def __init__(self, *args, local_negatives: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.local_negatives = local_negatives
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        return {"momentum": cfg.MODEL.MOMENTUM, "local_negatives": cfg.LOSS.LOCAL_NEGATIVES}
+
+    @classmethod
+    def num_negatives(cls, cfg) -> int:
+        return cfg.SOLVER.IMS_PER_BATCH - 1
 
     def gather_keys(self, k: torch.Tensor) -> torch.Tensor:
         return concat_all_gather(k)
@@ -292,11 +383,16 @@ class SimMoCo(ContrastiveMethod):
         return self.contrast(pos, neg)
 
 
+@METHOD_REGISTRY.register()
 class SimCo(SimMoCo):
     """SimCo (Zhang et al. 2022): SimMoCo without the momentum encoder; the keys come from the same
     encoder and carry gradients (gathered differentiably)."""
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        return {"momentum": None, "local_negatives": cfg.LOSS.LOCAL_NEGATIVES}
+
+    def losses(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._top1 = []
         z1, z2 = self.embed_q(im_q), self.embed_q(im_k)
         loss = self.pair_loss(z1, z2)
@@ -307,15 +403,6 @@ class SimCo(SimMoCo):
 
     def gather_keys(self, k: torch.Tensor) -> torch.Tensor:
         return concat_all_gather_with_grad(k)
-
-
-METHOD_CLASSES = {
-    "simo": SiMo,
-    "mocov2": MoCoV2,
-    "simclr": SimCLR,
-    "simmoco": SimMoCo,
-    "simco": SimCo,
-}
 
 
 def build_loss_fn(cfg) -> Callable[..., torch.Tensor]:
@@ -344,33 +431,10 @@ def build_method(cfg, device: torch.device) -> ContrastiveMethod:
     common = dict(
         loss_fn=build_loss_fn(cfg), tau=cfg.LOSS.TAU, symmetric=cfg.LOSS.SYMMETRIC, seed=seed
     )
-    method = m.METHOD
-    if method == "simo":
-        model = SiMo(
-            encoder,
-            momentum=m.MOMENTUM,
-            num_negatives=cfg.LOSS.NUM_NEGATIVES,
-            shared_negatives=cfg.LOSS.SHARED_NEGATIVES,
-            **common,
-        )
-    elif method == "mocov2":
-        model = MoCoV2(
-            encoder,
-            momentum=m.MOMENTUM,
-            dim=m.DIM,
-            queue_size=cfg.LOSS.QUEUE_SIZE,
-            shuffle_bn=m.SHUFFLE_BN,
-            **common,
-        )
-    elif method == "simclr":
-        model = SimCLR(encoder, momentum=None, **common)
-    elif method == "simmoco":
-        model = SimMoCo(
-            encoder, momentum=m.MOMENTUM, local_negatives=cfg.LOSS.LOCAL_NEGATIVES, **common
-        )
-    else:
-        model = SimCo(encoder, momentum=None, local_negatives=cfg.LOSS.LOCAL_NEGATIVES, **common)
+    cls = method_class(m.METHOD)
+    model = cls(encoder, **common, **cls.from_config(cfg))
     model = model.to(device)
     if m.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
     return model

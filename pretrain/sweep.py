@@ -896,7 +896,8 @@ def write_outputs(plan: SweepPlan) -> Dict[str, str]:
 def _pretrain_with_grad_norm(cfg: Any, args: Any) -> None:
     """One process of a cell's pretraining job: ``tools/pretrain.py``'s ``run`` plus
     :class:`QueryGradNormHook`."""
-    from pretrain.engine import Pretrainer, finish_distributed, setup_run
+    from pretrain.engine import finish_distributed, setup_run
+    from pretrain.pretrainer import Pretrainer
 
     setup_run(cfg, args)
     trainer = Pretrainer(cfg)

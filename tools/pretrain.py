@@ -19,13 +19,9 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from pretrain.config import load_pretrain_cfg  # noqa: E402
-from pretrain.engine import (  # noqa: E402
-    Pretrainer,
-    finish_distributed,
-    launch_from_args,
-    setup_run,
-)
+from pretrain.engine import finish_distributed, launch_from_args, setup_run  # noqa: E402
 from pretrain.io import exit_on_user_error  # noqa: E402
+from pretrain.pretrainer import Pretrainer  # noqa: E402
 
 
 @exit_on_user_error

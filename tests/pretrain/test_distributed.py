@@ -50,7 +50,7 @@ def _step(method, loss, rank=0, world=1, negatives_seed=None):
         net = DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
     im_q, im_k = _batch()
     n = N // world
-    out = net(im_q[rank * n : (rank + 1) * n], im_k[rank * n : (rank + 1) * n])["loss"]
+    out = net(((im_q[rank * n : (rank + 1) * n], im_k[rank * n : (rank + 1) * n]), None))["loss"]
     out.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
@@ -64,7 +64,8 @@ def _local_simmoco_loss(rank, world):
     model = build_method(cfg, torch.device("cpu")).double()
     im_q, im_k = _batch()
     n = N // 2
-    return model(im_q[rank * n : (rank + 1) * n], im_k[rank * n : (rank + 1) * n])["loss"].detach()
+    local = (im_q[rank * n : (rank + 1) * n], im_k[rank * n : (rank + 1) * n])
+    return model((local, None))["loss"].detach()
 
 
 def _worker(rank, init_file, result_file):
@@ -167,7 +168,7 @@ def test_simmoco_local_negatives_are_per_process(two_process_results):
         torch.manual_seed(0)
         model = build_method(cfg, torch.device("cpu")).double()
         im_q, im_k = _batch()
-        whole = model(im_q, im_k)["loss"].detach()
+        whole = model(((im_q, im_k), None))["loss"].detach()
     finally:
         torch.set_num_threads(n)
     torch.testing.assert_close(two_process_results["simmoco_local"], alone, rtol=1e-10, atol=1e-12)

@@ -12,9 +12,11 @@ import torch
 from detectron2.utils.env import seed_all_rng
 
 import pretrain.engine as engine
+import pretrain.engine.checkpoint
 from pretrain.config import get_pretrain_cfg, load_pretrain_cfg
-from pretrain.engine import Pretrainer, build_lr_multiplier
+from pretrain.engine import build_lr_multiplier
 from pretrain.io import UserError, load_checkpoint
+from pretrain.pretrainer import Pretrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -99,7 +101,7 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny
     straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
 
     calls = []
-    real_save = engine.atomic_save
+    real_save = pretrain.engine.checkpoint.atomic_save
 
     def dying_save(obj, path):
         calls.append(path)
@@ -111,10 +113,10 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny
         real_save(obj, path)
 
     killed_dir = tmp_path / "killed"
-    monkeypatch.setattr(engine, "atomic_save", dying_save)
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", dying_save)
     with pytest.raises(_Killed):
         _run(tiny_pretrain_cfg(shapes, killed_dir, **over))
-    monkeypatch.setattr(engine, "atomic_save", real_save)
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", real_save)
     assert (killed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (killed_dir / "model_0000003.pth").exists()
 

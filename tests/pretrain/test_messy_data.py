@@ -13,7 +13,7 @@ from detectron2.utils.env import seed_all_rng
 from PIL import Image
 
 from pretrain.config import get_pretrain_cfg
-from pretrain.engine import Pretrainer
+from pretrain.pretrainer import Pretrainer
 from pretrain.lincls import get_lincls_cfg, run_linear_eval
 
 BROKEN_PER_SPLIT = 3  # an empty file, a truncated JPEG, a text file named .jpg

@@ -177,7 +177,7 @@ def test_every_method_takes_a_finite_step(method, loss):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     before = model.encoder_q.conv1.weight.detach().clone()
-    out = model(x1, x2)
+    out = model(((x1, x2), None))
     assert set(out) == {"loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
     opt.step()
@@ -236,7 +236,7 @@ def test_mocov2_symmetric_enqueues_once_and_never_scores_the_own_key():
             v.clear()
         queue_before = model.queue.clone()
         im_q, im_k = torch.randn(2, 8, 3, 32, 32, generator=g)
-        model(im_q, im_k)["loss"].backward()
+        model(((im_q, im_k), None))["loss"].backward()
         q1, q2 = seen["q"]
         k2, k1 = seen["k"]  # view 2's keys for half 1, view 1's keys for half 2
         for q, neg in zip((q1, q2), seen["neg"], strict=True):

@@ -67,7 +67,7 @@ def test_grad_norm_probe_equals_autograd_on_q(loss):
     with EventStorage(0) as storage:
         hook.before_train()
         hook.before_step()
-        model(im_q, im_k)["loss"].backward()
+        model(((im_q, im_k), None))["loss"].backward()
         hook.after_backward()
         hook.after_train()
         probed = storage.latest()["grad_norm_q"][0]

@@ -1,0 +1,41 @@
+"""The training engine shared by every stage, built from detectron2's trainer, hooks and writers
+(see docs/ARCHITECTURE.md):
+
+* :mod:`.launch` -- detectron2 ``launch`` or torchrun, device, OUTPUT_DIR / log.txt / config.yaml;
+* :mod:`.checkpoint` -- atomic fvcore ``Checkpointer`` and the RNG states of every process;
+* :mod:`.hooks` -- stop on NaN/inf, progress with ETA, the writers;
+* :mod:`.schedule` -- warm-up + cosine learning rate;
+* :mod:`.train_loop` -- ``SimpleTrainer`` / ``AMPTrainer`` and :class:`TrainingRun`, the base of
+  :class:`pretrain.pretrainer.Pretrainer` and :class:`pretrain.lincls.LinearEvaluator`.
+"""
+
+from pretrain.engine.checkpoint import AtomicCheckpointer, RNGStates
+from pretrain.engine.hooks import (
+    FiniteCheckHook,
+    NonFiniteLossError,
+    ProgressHook,
+    build_writers,
+    check_finite,
+)
+from pretrain.engine.launch import finish_distributed, get_device, launch_from_args, setup_run
+from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
+from pretrain.engine.train_loop import TrainingRun, build_trainer, write_results
+
+__all__ = [
+    "launch_from_args",
+    "finish_distributed",
+    "get_device",
+    "setup_run",
+    "AtomicCheckpointer",
+    "RNGStates",
+    "NonFiniteLossError",
+    "check_finite",
+    "FiniteCheckHook",
+    "ProgressHook",
+    "build_writers",
+    "build_lr_multiplier",
+    "warmup_iterations",
+    "build_trainer",
+    "TrainingRun",
+    "write_results",
+]

@@ -1,0 +1,103 @@
+"""Hooks of every training loop: stop before an update with a non-finite gradient, progress
+(images/s, epoch, ETA) and the writers (log line, metrics.json, tensorboard)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from detectron2.engine import hooks
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+__all__ = ["NonFiniteLossError", "check_finite", "FiniteCheckHook", "ProgressHook", "build_writers"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (hence its gradients) became NaN/inf; raised before the optimizer step, so no
+    weight is updated with it."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+        super().__init__(f"the loss became non-finite at iteration {iteration} (NaN/inf gradients)")
+
+
+def check_finite(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
+    """Raise :class:`NonFiniteLossError` on every process if any process has a non-finite loss
+    (the flag is all-reduced, so all processes stop at the same iteration)."""
+    total = sum(v.detach().float() for v in loss_dict.values())
+    bad = (~torch.isfinite(total)).float().reshape(1)
+    if comm.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise NonFiniteLossError(iteration)
+
+
+class _HideNonFiniteTraceback(logging.Filter):
+    """detectron2's ``TrainerBase.train`` logs every exception with its traceback; the run classes
+    turn :class:`NonFiniteLossError` into one sentence, so its traceback is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, NonFiniteLossError)
+
+
+class FiniteCheckHook(hooks.HookBase):
+    """Raise :class:`NonFiniteLossError` after the backward of a step whose gradients are not all
+    finite, before the optimizer step (a NaN/inf loss makes its gradients NaN/inf).
+
+    Every process stops at the same iteration without a collective: DDP has already averaged the
+    gradients, so all processes check the same values. The check is one fused
+    ``torch._foreach_norm`` on the device and one host read.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self._filter = _HideNonFiniteTraceback()
+
+    def before_train(self) -> None:
+        logging.getLogger("detectron2.engine.train_loop").addFilter(self._filter)
+
+    def after_train(self) -> None:
+        logging.getLogger("detectron2.engine.train_loop").removeFilter(self._filter)
+
+    def after_backward(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            raise NonFiniteLossError(self.trainer.iter)
+
+
+class ProgressHook(hooks.HookBase):
+    """Puts ``[metric]images_per_s`` (global images per second of wall time, data loading
+    included) and ``[metric]epoch`` into the event storage, so the progress line printed by
+    ``CommonMetricPrinter`` reads ``eta: ... iter: ... total_loss: ... [metric]epoch: ...
+    [metric]images_per_s: ... lr: ...``."""
+
+    def __init__(self, ims_per_batch: int, epochs_done: Callable[[], float]) -> None:
+        self.ims_per_batch = ims_per_batch
+        self.epochs_done = epochs_done
+        self._last: Optional[float] = None
+
+    def before_train(self) -> None:
+        self._last = time.perf_counter()
+
+    def after_step(self) -> None:
+        now = time.perf_counter()
+        storage = self.trainer.storage
+        if self._last is not None and now > self._last:
+            storage.put_scalar("[metric]images_per_s", self.ims_per_batch / (now - self._last))
+        storage.put_scalar("[metric]epoch", self.epochs_done(), smoothing_hint=False)
+        self._last = now
+
+
+def build_writers(output_dir: str, max_iter: int) -> List[Any]:
+    """Progress line with ETA (``CommonMetricPrinter``), ``metrics.json``, tensorboard events."""
+    return [
+        CommonMetricPrinter(max_iter),
+        JSONWriter(os.path.join(output_dir, "metrics.json")),
+        TensorboardXWriter(output_dir),
+    ]
