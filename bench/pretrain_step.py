@@ -6,8 +6,8 @@ pipeline, e.g.
     python bench/pretrain_step.py --arch resnet50 --size 64 --batch 32 --threads 2  # this CPU box
 
 * engine step: ``Pretrainer``'s real trainer (detectron2's ``SimpleTrainer.run_step`` + all its
-  hooks: timer, lr scheduler, progress, periodic checkpointer, metric writers, NaN check) fed one fixed
-  in-memory batch, so data loading is excluded;
+  hooks: timer, lr scheduler, progress, periodic checkpointer, metric writers, NaN check) fed one
+  fixed in-memory batch, so data loading is excluded;
 * reference step: the same model (a copy with the same weights) and batch in a bare
   ``loss = model(q, k); opt.zero_grad(); loss.backward(); opt.step()`` loop;
 * the two are timed in alternating blocks (so background load hits both alike); the overhead
