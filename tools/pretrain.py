@@ -16,6 +16,7 @@ import sys
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
+import pretrain  # noqa: E402, F401  (first: silences the dependencies' import-time warnings)
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from pretrain.config import load_pretrain_cfg  # noqa: E402

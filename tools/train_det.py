@@ -27,10 +27,11 @@ from transfer.trainer import (  # noqa: E402
     check_weights,
     write_results,
 )
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
+from pretrain.engine import setup_run  # noqa: E402
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def setup(args):
     register_datasets(cfg)
     check_datasets(cfg)
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_run(cfg, args)  # detectron2's default_setup, environment dump in log.txt only
     return cfg
 
 

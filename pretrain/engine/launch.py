@@ -80,11 +80,31 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
+class _LogFileOnly(logging.Filter):
+    """Keeps ``default_setup``'s environment dump, command line and full config out of the
+    terminal (they stay in log.txt)."""
+
+    PREFIXES = (
+        "Environment info:",
+        "Command line arguments:",
+        "Contents of args.config_file",
+        "Running with full config:",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
 def setup_run(cfg: Any, args: Any) -> None:
     """detectron2's ``default_setup``: OUTPUT_DIR, ``log.txt`` (rank 0; ``log.txt.rankN`` for the
-    others), the environment and the full config in the log, ``config.yaml``, and seeding every RNG
-    with ``SEED + rank``; this package's loggers (``pretrain.*``) also go to the console and
-    ``log.txt``."""
+    others), the environment and the full config in the log (not on the terminal),
+    ``config.yaml``, and seeding every RNG with ``SEED + rank``; this package's loggers
+    (``pretrain.*``) also go to the console and ``log.txt``."""
+    # the logger default_setup configures (setup_logger is cached: same arguments, same logger)
+    d2_logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
+    for handler in d2_logger.handlers:  # all StreamHandlers: the console's writes to stdout
+        if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+            handler.addFilter(_LogFileOnly())
     default_setup(cfg, args)
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pretrain", abbrev_name="pt"
