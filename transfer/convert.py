@@ -1,6 +1,6 @@
-"""Checkpoint -> detectron2 weights: keep the ResNet backbone, rename, check (METHODS.md s. 5).
+"""Checkpoint -> detectron2 weights: keep the ResNet backbone, rename it, write the .pkl.
 
-Pipeline of :func:`convert`:
+Pipeline of :func:`convert` (docs/methods.md, "Conversion"):
 
 1. load the input safely (``pretrain.io.load_checkpoint``, ``weights_only``) and recognise its kind
    by content: our pretraining checkpoint (``meta.kind == "pretrain"``, query encoder under
@@ -10,11 +10,12 @@ Pipeline of :func:`convert`:
 2. keep the backbone (torchvision names), drop heads, key encoder, queue and training state;
 3. :func:`torchvision_to_detectron2`: rename with the rules of :data:`RENAME_RULES`; refuse when
    a backbone tensor is missing, has the wrong shape, or cannot be placed;
-4. write ``{"model": {name: ndarray}, "__author__", "matching_heuristics": True, "provenance"}``
-   atomically (docs/formats.md);
-5. optionally :func:`verify_conversion`: load the pickle into detectron2's own ResNet through
-   ``DetectionCheckpointer`` and compare res2..res5 (and the stem) with torchvision's
-   layer1..layer4 on the same normalised image, in eval mode.
+4. optionally check the pickle numerically before anything is written (transfer/verify.py:
+   detectron2's res2..res5 vs torchvision's layer1..layer4);
+5. write ``{"model": {name: ndarray}, "__author__", "matching_heuristics": True, "provenance"}``
+   through ``pretrain.io.atomic_open`` (docs/formats.md).
+
+:func:`format_report` is the summary ``tools/convert.py`` prints.
 """
 
 from __future__ import annotations
@@ -22,19 +23,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import pickle
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from pretrain.checkpoints import (
     HEAD_PREFIX,
@@ -45,47 +43,24 @@ from pretrain.checkpoints import (
     extract_backbone,
     infer_resnet_arch,
 )
-from pretrain.io import UserError, load_checkpoint, load_weights_pickle
+from pretrain.io import UserError, atomic_open, load_checkpoint, load_weights_pickle, read_json
+from transfer.verify import TRANSFER_SETTINGS, DetectionConfig, format_verify, verify_report
 
 __all__ = [
     "AUTHOR",
     "RENAME_RULES",
-    "TRANSFER_SETTINGS",
-    "DetectionConfig",
-    "ResNetArch",
-    "backbone_output_diffs",
     "convert",
-    "extract_backbone",
     "format_report",
-    "infer_resnet_arch",
-    "load_into_detectron2",
     "read_provenance",
     "torchvision_to_detectron2",
-    "verify_conversion",
 ]
 
-logger = logging.getLogger(__name__)
-
 AUTHOR = "eqco-transfer"
-VERIFY_TOLERANCE = 1e-4
-
-# The detectron2 settings that match a torchvision-layout backbone trained on RGB, ImageNet-
-# normalised images (METHODS.md s. 5). Printed by the CLI; --verify uses them without a config file.
-TRANSFER_SETTINGS: dict[str, Any] = {
-    "INPUT.FORMAT": "RGB",
-    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
-    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
-    "MODEL.RESNETS.STRIDE_IN_1X1": False,
-    "MODEL.BACKBONE.FREEZE_AT": 0,
-}
-# torchvision's normalisation of a [0, 1] RGB image; kept apart from TRANSFER_SETTINGS on purpose:
-# --verify checks the detection config's PIXEL_MEAN/STD against these, not against themselves.
-_TORCHVISION_MEAN = (0.485, 0.456, 0.406)
-_TORCHVISION_STD = (0.229, 0.224, 0.225)
 
 
-# torchvision -> detectron2 renaming (METHODS.md s. 5), applied in this order to every backbone key;
-# (rule shown to the user, pattern, replacement). Counting hits per rule gives the CLI's summary.
+# torchvision -> detectron2 renaming (docs/methods.md, "Conversion"), applied in this order to
+# every backbone key; (rule shown to the user, pattern, replacement). Counting hits per rule gives
+# the CLI's summary.
 RENAME_RULES: list[tuple[str, str, str | Callable[[re.Match], str]]] = [
     ("conv1 -> stem.conv1", r"^conv1\.", "stem.conv1."),
     ("bn1 -> stem.conv1.norm", r"^bn1\.", "stem.conv1.norm."),
@@ -97,7 +72,6 @@ RENAME_RULES: list[tuple[str, str, str | Callable[[re.Match], str]]] = [
 _BN_SUFFIX = r"norm\.(weight|bias|running_mean|running_var|num_batches_tracked)"
 # Every name a detectron2 ResNet (bias-free convs + norm) can hold; anything else is "unplaced".
 _D2_NAME = re.compile(rf"(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))\.(weight|{_BN_SUFFIX})")
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +88,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def torchvision_to_detectron2(
     state_dict: dict[str, torch.Tensor],
 ) -> tuple[dict[str, np.ndarray], list[tuple[str, str, list[str]]], list[str]]:
-    """Rename a torchvision ResNet state dict to detectron2's ResNet names (METHODS.md s. 5).
+    """Rename a torchvision ResNet state dict to detectron2's ResNet names (docs/methods.md,
+    "Conversion").
 
     Returns ``(weights, renamed, dropped)``: ``weights`` maps detectron2 names to numpy arrays,
     ``renamed`` lists ``(old, new, rules applied)`` for every kept tensor, ``dropped`` the
@@ -149,7 +124,7 @@ def torchvision_to_detectron2(
 
 
 # --------------------------------------------------------------------------------------------------
-# loading the input, provenance, writing
+# loading the input, provenance
 
 
 def _sha256(path: str) -> str:
@@ -184,11 +159,9 @@ def _read_lincls_top1(lincls_dir: str) -> tuple[float, str | None]:
         raise UserError(
             f"{path}: not found; pass the OUTPUT_DIR of tools/lincls.py to --lincls-dir."
         )
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}).") from e
+    res = read_json(path)
+    if res is None:
+        raise UserError(f"{path}: not valid JSON.")
     if not isinstance(res, dict) or res.get("kind") != "lincls" or res.get("top1") is None:
         raise UserError(f"{path}: not a linear-eval results.json (needs kind 'lincls' and top1).")
     name = res.get("name") or (res.get("pretrain") or {}).get("name")
@@ -216,23 +189,6 @@ def _provenance(
     return prov
 
 
-def _write_pickle_atomic(obj: Any, path: str) -> str:
-    """Pickle to a temp file beside ``path`` (suffix .pkl: detectron2 reads it); return its path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pkl", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # protocol 4: readable by every Python 3 detectron2 install
-            pickle.dump(obj, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def read_provenance(pkl_path: str) -> dict[str, Any]:
     """The ``provenance`` of a converted .pkl (``{}`` if none), read without executing code."""
     data = load_weights_pickle(pkl_path)
@@ -243,231 +199,7 @@ def read_provenance(pkl_path: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# verification against detectron2's own ResNet
-
-
-@dataclass
-class LoadCheck:
-    """How a pickle landed in a detectron2 model: every list empty means every tensor was placed."""
-
-    norm: str  # the MODEL.RESNETS.NORM the model was built with
-    missing: list[str]  # model tensors with no counterpart in the pickle
-    not_loaded: list[str]  # model tensors whose value after loading differs from the pickle
-    unexpected: list[str]  # pickle tensors the model has no place for
-
-
-@dataclass(frozen=True)
-class DetectionConfig:
-    """A detection config as tools/train_det.py gets it: a YAML file + ``KEY VALUE`` overrides."""
-
-    file: str | None = None
-    opts: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        where = self.file or "the default detection config"
-        return f"{where} with {' '.join(self.opts)}" if self.opts else where
-
-    def load(self) -> Any:
-        from transfer.config import load_config
-
-        return load_config(self.file or "", list(self.opts))
-
-
-def _d2_config(arch: ResNetArch, norm: str | None, config: DetectionConfig | None) -> Any:
-    """detectron2 config: the detection config (or TRANSFER_SETTINGS), checked against ``arch``."""
-    if config is not None:
-        cfg = config.load()
-        wrong = {k: v for k, v in arch.d2_options().items() if _cfg_get(cfg, k) != v}
-        if wrong:
-            first = next(iter(wrong))
-            raise UserError(
-                f"{config}: {first} is {_cfg_get(cfg, first)} but the weights are a {arch.name()}; "
-                "train (and verify) with " + " ".join(f"{k} {v}" for k, v in wrong.items()) + "."
-            )
-    else:
-        from detectron2.config import get_cfg
-
-        cfg = get_cfg()
-        settings = {**TRANSFER_SETTINGS, **arch.d2_options()}
-        cfg.merge_from_list([x for k, v in settings.items() for x in (k, str(v))])
-    if norm or config is None:  # default: the config's NORM, else plain BN
-        cfg.MODEL.RESNETS.NORM = norm or "BN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["stem", "res2", "res3", "res4", "res5"]
-    if not cfg.MODEL.FPN.IN_FEATURES:
-        cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    return cfg
-
-
-def _cfg_get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
-def load_into_detectron2(
-    pkl_path: str,
-    arch: ResNetArch,
-    norm: str | None = None,
-    config: DetectionConfig | None = None,
-    fpn: bool = False,
-) -> tuple[nn.Module, LoadCheck, Any]:
-    """Build detectron2's ResNet (or ResNet-FPN when ``fpn``) and load ``pkl_path`` into it.
-
-    Loading goes through ``DetectionCheckpointer`` exactly as ``MODEL.WEIGHTS`` would, so its
-    name-matching heuristics are exercised. Every model tensor is filled with NaN (ints: -1) first,
-    so a tensor that was not loaded cannot pass the equality check by chance.
-    """
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling import build_resnet_backbone
-    from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
-
-    cfg = _d2_config(arch, norm, config)
-    builder = build_resnet_fpn_backbone if fpn else build_resnet_backbone
-    model = builder(cfg, ShapeSpec(channels=3)).eval()
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            t.fill_(float("nan") if t.is_floating_point() else -1)
-    DetectionCheckpointer(model).load(pkl_path)
-
-    weights = load_weights_pickle(pkl_path)["model"]
-    prefix = "bottom_up." if fpn else ""
-    state = {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
-    missing = [k for k in state if k not in weights]
-    not_loaded = [
-        k
-        for k in state
-        if k in weights
-        and not torch.equal(state[k], torch.as_tensor(weights[k]).to(state[k].dtype))
-    ]
-    unexpected = [k for k in weights if k not in state]
-    return model, LoadCheck(cfg.MODEL.RESNETS.NORM, missing, not_loaded, unexpected), cfg
-
-
-def backbone_output_diffs(
-    pkl_path: str,
-    torchvision_state_dict: dict[str, torch.Tensor],
-    depth: int | None = None,
-    norm: str | None = None,
-    config: DetectionConfig | None = None,
-    image_size: int = 64,
-    seed: int = 0,
-) -> tuple[dict[str, float], LoadCheck]:
-    """Max abs difference per stage: detectron2 stem/res2..res5 vs torchvision maxpool/layer1..4.
-
-    Both models run in eval mode on the same ImageNet-normalised random RGB image. The config's
-    INPUT.FORMAT / PIXEL_MEAN / PIXEL_STD are checked against torchvision's normalisation first
-    (:class:`UserError` when they differ), so a BGR or caffe-statistics config cannot pass.
-    """
-    # the classifier (1000 ImageNet classes or a linear-eval head) plays no part in the backbone
-    sd = {k: v for k, v in torchvision_state_dict.items() if not k.startswith(HEAD_PREFIX)}
-    arch = infer_resnet_arch(sd)
-    if depth is not None and depth != arch.depth:
-        raise UserError(f"the state dict is a ResNet-{arch.depth}, not a ResNet-{depth}.")
-    d2_model, check, cfg = load_into_detectron2(pkl_path, arch, norm, config)
-
-    tv_model = arch.torchvision_model().eval()
-    result = tv_model.load_state_dict(sd, strict=False)
-    not_fc = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]
-    if not_fc or result.unexpected_keys:
-        bad = not_fc[:3] + result.unexpected_keys[:3]
-        raise UserError(f"torchvision cannot load the state dict as a {arch.name()}: {bad}.")
-
-    _check_pixel_format(cfg, config)
-    # One image, normalised once the torchvision way; the config's normalisation was checked above.
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 256, (1, 3, image_size, image_size), generator=gen).float() / 255.0
-    mean = torch.tensor(_TORCHVISION_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_TORCHVISION_STD).view(1, 3, 1, 1)
-    tv_in = d2_in = (image - mean) / std
-
-    with torch.no_grad():
-        d2_out = d2_model(d2_in)
-        x = tv_model.maxpool(tv_model.relu(tv_model.bn1(tv_model.conv1(tv_in))))
-        tv_out = {"stem": x}
-        for i in range(1, 5):
-            x = getattr(tv_model, f"layer{i}")(x)
-            tv_out[f"res{i + 1}"] = x
-    diffs = {}
-    for stage, ref in tv_out.items():
-        out = d2_out[stage]
-        diffs[stage] = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
-    return diffs, check
-
-
-def _check_pixel_format(cfg: Any, config: DetectionConfig | None) -> None:
-    """The detection config must feed the backbone what pretraining did: RGB, ImageNet mean/std."""
-    where = str(config) if config else "the built-in transfer settings"
-    expected_mean = [255.0 * m for m in _TORCHVISION_MEAN]
-    expected_std = [255.0 * s for s in _TORCHVISION_STD]
-    if cfg.INPUT.FORMAT != "RGB":
-        raise UserError(
-            f"{where}: INPUT.FORMAT is {cfg.INPUT.FORMAT}, but torchvision-style backbones are "
-            "trained on RGB; set INPUT.FORMAT RGB."
-        )
-    for key, got, want in (
-        ("MODEL.PIXEL_MEAN", cfg.MODEL.PIXEL_MEAN, expected_mean),
-        ("MODEL.PIXEL_STD", cfg.MODEL.PIXEL_STD, expected_std),
-    ):
-        if len(got) != 3 or any(abs(g - w) > 1e-3 for g, w in zip(got, want, strict=True)):
-            raise UserError(
-                f"{where}: {key} is {list(got)}, but the backbone was trained with "
-                f"{[round(w, 3) for w in want]} (ImageNet statistics on 0-255 RGB); set it so."
-            )
-
-
-def verify_conversion(
-    pkl_path: str,
-    torchvision_state_dict: dict[str, torch.Tensor],
-    depth: int | None = None,
-    norm: str | None = None,
-    config: DetectionConfig | None = None,
-    tolerance: float = VERIFY_TOLERANCE,
-) -> float:
-    """Check that ``pkl_path`` makes detectron2's ResNet compute what torchvision's does.
-
-    Fails (:class:`UserError`) when a detectron2 backbone tensor is missing or not loaded, a pickle
-    tensor has no place, or any of stem/res2..res5 differs by more than ``tolerance``. Returns the
-    max abs difference over the stages.
-    """
-    return _verify(pkl_path, torchvision_state_dict, depth, norm, config, tolerance)[0]
-
-
-def _verify(
-    pkl_path: str,
-    torchvision_state_dict: dict[str, torch.Tensor],
-    depth: int | None,
-    norm: str | None,
-    config: DetectionConfig | None,
-    tolerance: float = VERIFY_TOLERANCE,
-) -> tuple[float, dict[str, float], str]:
-    diffs, check = backbone_output_diffs(pkl_path, torchvision_state_dict, depth, norm, config)
-    if check.missing or check.not_loaded:
-        bad = check.missing + check.not_loaded
-        raise UserError(
-            f"{pkl_path}: {len(bad)} detectron2 backbone tensor(s) were not loaded, e.g. "
-            f"{', '.join(bad[:3])}."
-        )
-    # FrozenBN has no num_batches_tracked buffer: that counter is the only tensor it may leave out.
-    unexpected = [k for k in check.unexpected if not k.endswith("num_batches_tracked")]
-    if unexpected:
-        raise UserError(
-            f"{pkl_path}: {len(unexpected)} tensor(s) have no place in detectron2's ResNet, e.g. "
-            f"{', '.join(unexpected[:3])}."
-        )
-    worst = max(diffs.values())
-    if not worst <= tolerance:  # also catches NaN
-        detail = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
-        raise UserError(
-            f"{pkl_path}: detectron2's backbone output differs from torchvision's by {worst:.3g} "
-            f"(> {tolerance:g}; per stage: {detail}); check STRIDE_IN_1X1, PIXEL_MEAN/STD and "
-            "INPUT.FORMAT."
-        )
-    return worst, diffs, check.norm
-
-
-# --------------------------------------------------------------------------------------------------
-# the whole conversion
+# the whole conversion and its summary
 
 
 def convert(
@@ -533,7 +265,7 @@ def convert(
         "matching_heuristics": True,
         "provenance": provenance,
     }
-    tmp = _write_pickle_atomic(payload, output_path)
+    blob = pickle.dumps(payload, protocol=4)  # protocol 4: readable by every Python 3 detectron2
     report: dict[str, Any] = {
         "input": source,
         "input_kind": extracted.kind,
@@ -547,20 +279,33 @@ def convert(
         "num_tensors": len(weights),
         "num_parameters": int(sum(v.size for k, v in weights.items() if "num_batches" not in k)),
     }
-    try:
-        if verify:  # on the temp file: a failed check leaves no output behind
-            config = DetectionConfig(config_file, tuple(config_opts or ()))
-            config = config if (config_file or config_opts) else None
-            worst, diffs, used_norm = _verify(tmp, extracted.state_dict, None, norm, config)
-            report["verify"] = {"stages": diffs, "max_abs_diff": worst, "norm": used_norm}
-            report["verify"]["settings"] = str(config or "the built-in transfer settings")
+    if verify:  # before writing: a failed check leaves no output behind
+        config = DetectionConfig(config_file, tuple(config_opts or ()))
+        config = config if (config_file or config_opts) else None
+        report["verify"] = _verify_blob(
+            blob, os.path.basename(output_path), extracted.state_dict, norm, config
+        )
+    with atomic_open(output_path, "wb") as f:
+        f.write(blob)
         if os.path.exists(output_path) and not force:  # appeared while we worked
             raise UserError(f"{output_path}: already exists; pass --force to overwrite it.")
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return report
+
+
+def _verify_blob(
+    blob: bytes,
+    filename: str,
+    torchvision_state_dict: dict[str, torch.Tensor],
+    norm: str | None,
+    config: DetectionConfig | None,
+) -> dict[str, Any]:
+    """:func:`transfer.verify.verify_report` on the pickle bytes about to be written, from a
+    scratch copy (detectron2 loads weights only from a file whose name ends in .pkl)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, filename)
+        with open(path, "wb") as f:  # a private scratch file, deleted with its folder
+            f.write(blob)
+        return verify_report(path, torchvision_state_dict, norm, config)
 
 
 def format_report(report: dict[str, Any], list_keys: bool = False) -> str:
@@ -593,16 +338,7 @@ def format_report(report: dict[str, Any], list_keys: bool = False) -> str:
     if report.get("top1_source"):
         w(f"  top1 from {report['top1_source']}")
     w(f"  source {prov['source']} (sha256 {prov['sha256'][:16]}...)")
-    if "verify" in report:
-        v = report["verify"]
-        stages = ", ".join(f"{k} {d:.2e}" for k, d in v["stages"].items())
-        w(
-            f"verify: max abs diff {v['max_abs_diff']:.2e} <= {VERIFY_TOLERANCE:g} "
-            f"(detectron2 vs torchvision, eval mode, NORM {v['norm']}, settings of "
-            f"{v['settings']}; {stages}): OK"
-        )
-    else:
-        w("verify: skipped (pass --verify to compare detectron2's outputs with torchvision's)")
+    w(format_verify(report.get("verify")))
     w(f"wrote {report['output']}")
     settings = dict(TRANSFER_SETTINGS)
     d2_defaults = ResNetArch(50).d2_options()  # print only what differs from detectron2's defaults

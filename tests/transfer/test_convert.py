@@ -1,4 +1,5 @@
-"""tools/convert.py / transfer.convert: recognition, renaming, refusals, detectron2 equivalence."""
+"""tools/convert.py, transfer.convert and transfer.verify: recognition, renaming, refusals,
+detectron2 equivalence."""
 
 from __future__ import annotations
 
@@ -17,16 +18,10 @@ import pytest
 import torch
 import torchvision
 
+from pretrain.checkpoints import ResNetArch, infer_resnet_arch
 from pretrain.io import UserError, load_weights_pickle
-from transfer.convert import (
-    ResNetArch,
-    convert,
-    infer_resnet_arch,
-    load_into_detectron2,
-    read_provenance,
-    torchvision_to_detectron2,
-    verify_conversion,
-)
+from transfer.convert import convert, read_provenance, torchvision_to_detectron2
+from transfer.verify import load_into_detectron2, verify_conversion
 
 torch.set_num_threads(2)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,14 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from pretrain.io import UserError
-from transfer.report import (
-    PAPER_ROWS,
-    find_runs,
-    make_report,
-    plot_pretrain_health,
-    read_metrics,
-)
+from pretrain.io import UserError, read_metrics
+from transfer.report import make_report
+from transfer.report.plots import plot_pretrain_health
+from transfer.report.rows import PAPER_ROWS
+from transfer.report.runs import find_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = (

@@ -1,0 +1,106 @@
+"""Writes the whole report for a set of run dirs: ``report.md`` (table, legend, plot links,
+captions, notes), ``report.csv`` and the plots, all through ``pretrain.io.atomic_open``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.io import atomic_write_text
+from transfer.report.plots import (
+    HEALTH_CAPTION,
+    HealthPlot,
+    plot_ap_bars,
+    plot_detection_curves,
+    plot_pretrain_health,
+    plot_pretrain_losses,
+)
+from transfer.report.rows import build_rows
+from transfer.report.runs import find_runs
+from transfer.report.tables import format_value, markdown_table, write_csv
+
+__all__ = ["PAPER_NOTE", "Report", "make_report"]
+
+PAPER_NOTE = (
+    "[paper]: reference rows from the EqCo paper (METHODS.md s. 6): Faster R-CNN R50-FPN, 4conv1fc "
+    "head, SyncBN, 1x schedule, COCO val2017 box AP; not run here. Only the values the table "
+    "states are shown."
+)
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` wrote: the markdown table, its rows, the files and the notes."""
+
+    markdown: str
+    rows: list[dict[str, Any]]
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
+    """Read the runs under ``paths``; write report.md, report.csv and PNG plots to ``out_dir``."""
+    runs = find_runs(paths)
+    rows, notes = build_rows(runs, paper)
+    for kind in ("pretrain", "detection"):  # distinct legend labels when a name repeats
+        same_kind = [r for r in runs if r.kind == kind]
+        for run in same_kind:
+            if sum(r.label == run.label for r in same_kind) > 1:
+                run.label = f"{run.name} ({os.path.basename(os.path.normpath(run.path))})"
+    table = markdown_table(rows)
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    health: list[HealthPlot] = []
+
+    def plot_health(path: str) -> bool:
+        drawn = plot_pretrain_health(runs, path)
+        health.extend([drawn] if drawn else [])
+        return drawn is not None
+
+    # what=None: no note when absent (runs from before the health metrics simply have none)
+    plots: list[tuple[str, str | None, Any]] = [
+        ("ap_bars.png", "AP bars", lambda p: plot_ap_bars(rows, p)),
+        ("pretrain_loss.png", "pretraining loss curves", lambda p: plot_pretrain_losses(runs, p)),
+        (
+            "detection_curves.png",
+            "detection loss/AP curves",
+            lambda p: plot_detection_curves(runs, p),
+        ),
+        ("pretrain_health.png", None, plot_health),
+    ]
+    written = []
+    for filename, what, plot in plots:
+        path = os.path.join(out_dir, filename)
+        if plot(path):
+            written.append(filename)
+            files.append(path)
+        elif what:
+            notes.append(f"no {what}: none of the runs has the data (metrics.json / AP).")
+    for drawn in health:
+        notes += drawn.notes
+
+    md = ["# Pre-training comparison", "", table, ""]
+    if paper:
+        md += [PAPER_NOTE, ""]
+    settings = {(r["knn_k"], r["knn_t"]) for r in rows if r.get("knn_k") is not None}
+    knn = "k and T in report.csv"
+    if len(settings) == 1:
+        k, t = settings.pop()
+        knn = f"k={k}, T={format_value('knn_t', t)}"
+    md += [
+        'Missing values are shown as "-". AP: COCO box AP (%) of the detection run; top-1: '
+        "linear-eval top-1 (%); kNN: weighted kNN top-1 (%) of the same frozen backbone on the "
+        f"same val split ({knn}); val: images in that val split; seed: the pretraining SEED; "
+        "K: negatives per query; alpha: EqCo's alpha.",
+        "",
+    ]
+    md += [f"![{name}]({name})" for name in written]
+    if "pretrain_health.png" in written:
+        md += ["", HEALTH_CAPTION]
+    if notes:
+        md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    md_path, csv_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.csv")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    write_csv(rows, csv_path)
+    return Report(table, rows, [md_path, csv_path] + files, notes)

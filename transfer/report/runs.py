@@ -1,0 +1,142 @@
+"""Collects run outputs for the report: finds the OUTPUT_DIRs under the given paths and reads their
+``results.json`` and pretraining ``config.yaml`` (docs/formats.md).
+
+``metrics.json`` is read with ``pretrain.io.read_metrics`` (:attr:`Run.metrics_path`). Values from
+the files pass through :func:`as_number` / :func:`as_count`, so a value of the wrong type counts as
+missing rather than inventing one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from pretrain.io import UserError, read_json
+
+__all__ = [
+    "KINDS",
+    "Run",
+    "as_count",
+    "as_number",
+    "config_knn",
+    "config_seed",
+    "find_runs",
+]
+
+KINDS = ("pretrain", "lincls", "detection")
+
+
+@dataclass
+class Run:
+    """One OUTPUT_DIR with its ``results.json``."""
+
+    kind: str
+    name: str
+    path: str  # the directory
+    results: dict[str, Any]
+    mtime: float = 0.0
+    label: str = ""  # legend / row label, set when names repeat
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.path, "metrics.json")
+
+
+def _read_results(path: str) -> Run:
+    file = os.path.join(path, "results.json")
+    res = read_json(file)
+    if res is None:
+        raise UserError(f"{file}: not readable JSON; re-run that stage or remove the file.")
+    if not isinstance(res, dict) or res.get("kind") not in KINDS:
+        kind = res.get("kind") if isinstance(res, dict) else type(res).__name__
+        raise UserError(
+            f"{file}: kind {kind!r} is none of {', '.join(KINDS)}; it is not a results.json "
+            "written by tools/pretrain.py, tools/lincls.py or tools/train_det.py."
+        )
+    prov = res.get("pretrain") if isinstance(res.get("pretrain"), dict) else {}
+    name = res.get("name") or prov.get("name") or os.path.basename(os.path.normpath(path))
+    return Run(res["kind"], str(name), path, res, os.path.getmtime(file), str(name))
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Each path is a run dir (holds results.json) or a parent searched recursively for them."""
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for path in paths:
+        if os.path.isfile(path) and os.path.basename(path) == "results.json":
+            path = os.path.dirname(path) or "."
+        if not os.path.isdir(path):
+            raise UserError(
+                f"{path}: no such directory; pass OUTPUT_DIRs (or a folder holding them)."
+            )
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if "results.json" in files:
+                found.append(root)
+        if not found:
+            raise UserError(
+                f"{path}: no results.json in it or below; pass the OUTPUT_DIR of a finished "
+                "tools/pretrain.py, tools/lincls.py or tools/train_det.py run."
+            )
+        for root in found:
+            key = os.path.realpath(root)
+            if key not in seen:
+                seen.add(key)
+                runs.append(_read_results(root))
+    return runs
+
+
+def as_number(value: Any) -> float | None:
+    """A number from a file as float; None for anything else (bool, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def as_count(value: Any) -> int | None:
+    """A non-negative integer (a seed, an image count), else None (SEED < 0 means "drawn at
+    random": not a seed anyone can re-run)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _pretrain_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD), else None."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("MODEL"), dict):
+        return None
+    if "METHOD" not in cfg["MODEL"]:
+        return None  # a linear-eval or detection config: not the pretraining's
+    return cfg
+
+
+def config_seed(folder: str) -> int | None:
+    """SEED of ``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD)."""
+    cfg = _pretrain_config(folder)
+    return as_count(cfg.get("SEED")) if cfg else None
+
+
+def config_knn(folder: str) -> tuple[int, float] | None:
+    """(TEST.KNN_K, TEST.KNN_T) of the kNN monitor in a pretraining ``folder/config.yaml``; None
+    when the file or the keys are not there."""
+    cfg = _pretrain_config(folder)
+    test = cfg.get("TEST") if cfg else None
+    if not isinstance(test, dict):
+        return None
+    k, t = as_count(test.get("KNN_K")), as_number(test.get("KNN_T"))
+    return (k, t) if k is not None and t is not None else None
