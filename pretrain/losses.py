@@ -238,6 +238,7 @@ def sample_batch_negatives(
     generator: Optional[torch.Generator] = None,
     shared: bool = True,
     device: Optional[torch.device] = None,
+    rows: Optional[slice] = None,
 ) -> torch.Tensor:
     """Indices ``[N, K]`` of K negative keys per query, drawn from a batch of ``num_keys`` keys.
 
@@ -255,6 +256,11 @@ def sample_batch_negatives(
 
     ``generator`` makes the draw reproducible; the draw happens on the generator's device (else
     ``device``) and the result is moved to ``device`` (default: that of ``own_index``, else CPU).
+
+    ``rows`` (instead of ``own_index``): the draw is that of the whole batch (query i's own key
+    is key i) but only the queries ``rows`` are selected, i.e. exactly the rows of the full draw,
+    at the cost of the selection for this process's queries only (the noise of the other rows is
+    generated but not sorted).
     """
     if device is None:
         device = own_index.device if own_index is not None else torch.device("cpu")
@@ -268,7 +274,11 @@ def sample_batch_negatives(
             "size."
         )
     sample_device = generator.device if generator is not None else device
-    if own_index is None:
+    if rows is not None:
+        if own_index is not None:
+            raise ValueError("pass own_index or rows, not both")
+        own = torch.arange(num_keys, device=sample_device)[rows]
+    elif own_index is None:
         own = torch.arange(num_keys, device=sample_device)
     else:
         if own_index.dim() != 1:
@@ -278,7 +288,10 @@ def sample_batch_negatives(
         positions = torch.randperm(num_keys - 1, generator=generator, device=sample_device)
         pick = positions[:num_negatives].unsqueeze(0).expand(own.shape[0], -1)
     else:
-        noise = torch.rand(own.shape[0], num_keys - 1, generator=generator, device=sample_device)
+        num_rows = num_keys if rows is not None else own.shape[0]
+        noise = torch.rand(num_rows, num_keys - 1, generator=generator, device=sample_device)
+        if rows is not None:
+            noise = noise[rows]
         pick = noise.topk(num_negatives, dim=1).indices
     # positions in "all keys but mine" back to key indices: skip the own key
     idx = pick + (pick >= own.unsqueeze(1)).long()

@@ -387,6 +387,18 @@ def test_shared_negatives_are_the_released_selection(b, k):
             torch.arange(b).expand(b, b), torch.arange(b - 1)))
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_rows_are_the_rows_of_the_full_draw(shared):
+    """A process selecting only its rows (``rows=``) gets exactly those rows of the whole batch's
+    draw for the same generator state, as one process holding the global batch would."""
+    for first, n in [(0, 8), (8, 8), (24, 8), (0, 32)]:
+        full = sample_batch_negatives(32, 16, generator=torch.Generator().manual_seed(9),
+                                      shared=shared)
+        mine = sample_batch_negatives(32, 16, generator=torch.Generator().manual_seed(9),
+                                      shared=shared, rows=slice(first, first + n))
+        assert torch.equal(mine, full[first : first + n])
+
+
 def test_batch_negatives_need_enough_keys_and_are_deterministic():
     with pytest.raises(UserError, match="at least 17 keys"):
         sample_batch_negatives(16, 16)
