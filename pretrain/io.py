@@ -29,6 +29,8 @@ __all__ = [
 
 # prefix of the temporary files of atomic_open (see remove_stale_temp_files)
 TEMP_PREFIX = ".tmp_"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class UserError(Exception):
@@ -60,6 +62,7 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would have
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
