@@ -1,9 +1,10 @@
 """The pretraining config: one detectron2-style ``CfgNode`` with a comment on every key.
 
-``get_pretrain_cfg()`` returns the defaults (= the paper's SiMo recipe, METHODS.md section 3);
-``load_pretrain_cfg(file, opts)`` merges a YAML file (with its ``_BASE_`` chain) and ``KEY VALUE``
-overrides and validates the result, turning every mistake into a one-sentence :class:`UserError`
-before any heavy work starts.
+``get_pretrain_cfg()`` returns the defaults (= the paper's SiMo recipe, docs/methods.md, "Recipes:
+paper, released code, MoCo v2 and ours"); ``load_pretrain_cfg(file, opts)`` merges a YAML file
+(with its ``_BASE_`` chain) and ``KEY VALUE`` overrides and validates the result, turning every
+mistake into a one-sentence :class:`UserError` before any heavy work starts.
+``add_run_config`` adds the keys that linear evaluation (:mod:`pretrain.lincls`) shares.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ __all__ = [
     "METHODS",
     "ARCHS",
     "add_pretrain_config",
+    "add_run_config",
     "get_pretrain_cfg",
     "load_pretrain_cfg",
     "merge_config",
     "validate_pretrain_cfg",
+    "validate_run_config",
     "effective_lr",
     "REFERENCE_BATCH",
 ]
@@ -197,16 +200,6 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # held-out split for the kNN monitor (TEST.KNN_PERIOD > 0)
     cfg.DATASETS.VAL_SPLIT = "val"
 
-    cfg.DATALOADER = PretrainCfgNode()
-    # worker processes per training process (0 = load in the main process)
-    cfg.DATALOADER.NUM_WORKERS = 8
-    # page-locked host memory for faster host->GPU copies (only used with CUDA)
-    cfg.DATALOADER.PIN_MEMORY = True
-    # keep workers alive between epochs (saves their start-up at every epoch)
-    cfg.DATALOADER.PERSISTENT_WORKERS = True
-    # batches prefetched per worker
-    cfg.DATALOADER.PREFETCH_FACTOR = 2
-
     cfg.TEST = PretrainCfgNode()
     # run the weighted kNN monitor on DATASETS.VAL_SPLIT every this many iterations (0 = never)
     cfg.TEST.KNN_PERIOD = 0
@@ -218,16 +211,44 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # image's view 2 among them (pretrain/health.py). 0 = off
     cfg.TEST.RETRIEVAL_SIZE = 256
 
+    # DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD and CUDNN_BENCHMARK: add_run_config. Here
+    # NAME identifies this pre-training in later stages (meta.name); "" = basename of OUTPUT_DIR.
+    # SEED is the base seed (rank r seeds with SEED + r); < 0 picks a random one (no exact resume
+    # then).
+    add_run_config(cfg, output_dir="output/pretrain/simo_r50_200ep")
+
+
+def add_run_config(cfg: PretrainCfgNode, output_dir: str) -> None:
+    """Add the keys every training stage (pretraining, linear evaluation) shares, with their
+    defaults: the DATALOADER group, OUTPUT_DIR (default ``output_dir``), NAME, SEED, LOG_PERIOD
+    and CUDNN_BENCHMARK. What NAME and SEED identify and seed is commented at each caller."""
+    cfg.DATALOADER = PretrainCfgNode()
+    # worker processes per training process (0 = load in the main process)
+    cfg.DATALOADER.NUM_WORKERS = 8
+    # page-locked host memory for faster host->GPU copies (only used with CUDA)
+    cfg.DATALOADER.PIN_MEMORY = True
+    # keep workers alive between epochs (saves their start-up at every epoch)
+    cfg.DATALOADER.PERSISTENT_WORKERS = True
+    # batches prefetched per worker
+    cfg.DATALOADER.PREFETCH_FACTOR = 2
+
     # where config.yaml, log.txt, metrics.json, events, checkpoints and results.json go
-    cfg.OUTPUT_DIR = "output/pretrain/simo_r50_200ep"
-    # identifies this pre-training in later stages (meta.name); "" = basename of OUTPUT_DIR
+    cfg.OUTPUT_DIR = output_dir
+    # name of the run or of what it evaluates; "" = derived by the stage (see its config)
     cfg.NAME = ""
-    # base seed (rank r seeds with SEED + r); < 0 picks a random one (no exact resume then)
+    # seeds the run; < 0 picks a random one (no exact resume then)
     cfg.SEED = 0
-    # print a progress line (loss, ETA, images/s) every this many iterations
+    # print a progress line (loss, ETA, images/s, ...) every this many iterations
     cfg.LOG_PERIOD = 20
     # cudnn.benchmark (read by detectron2's default_setup)
     cfg.CUDNN_BENCHMARK = True
+
+
+def validate_run_config(cfg: PretrainCfgNode) -> None:
+    """Reject invalid values of the :func:`add_run_config` keys, one sentence naming the key."""
+    _need(cfg.DATALOADER.NUM_WORKERS >= 0, "DATALOADER.NUM_WORKERS must be >= 0.")
+    _need(cfg.LOG_PERIOD > 0, "LOG_PERIOD must be > 0.")
+    _need(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR must not be empty.")
 
 
 def get_pretrain_cfg() -> PretrainCfgNode:
@@ -358,11 +379,9 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
         0 < cfg.INPUT.MIN_SCALE <= cfg.INPUT.MAX_SCALE <= 1,
         "INPUT.MIN_SCALE and INPUT.MAX_SCALE must satisfy 0 < MIN_SCALE <= MAX_SCALE <= 1.",
     )
-    _need(cfg.DATALOADER.NUM_WORKERS >= 0, "DATALOADER.NUM_WORKERS must be >= 0.")
-    _need(cfg.LOG_PERIOD > 0, "LOG_PERIOD must be > 0.")
     _need(cfg.TEST.KNN_PERIOD >= 0 and cfg.TEST.KNN_K > 0, "TEST.KNN_PERIOD / KNN_K are invalid.")
     _need(cfg.TEST.RETRIEVAL_SIZE >= 0, "TEST.RETRIEVAL_SIZE must be >= 0 (0 = off).")
-    _need(bool(cfg.OUTPUT_DIR), "OUTPUT_DIR must not be empty.")
+    validate_run_config(cfg)
     if check_paths:
         train = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT)
         _need(

@@ -25,13 +25,11 @@ import math
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from detectron2.engine import hooks
-from detectron2.evaluation.evaluator import inference_context
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pretrain.models import backbone_features
+from pretrain.features import extract_features
 
 __all__ = [
     "HEALTH_KEYS",
@@ -155,16 +153,6 @@ def retrieval_top1(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _features(encoder: nn.Module, loader: Any, device: torch.device) -> torch.Tensor:
-    feats = []
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        f = backbone_features(encoder, images.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))
-    return torch.cat(feats)
-
-
-@torch.no_grad()
 def view_retrieval_top1(
     encoder: nn.Module,
     views1: Any,
@@ -175,10 +163,10 @@ def view_retrieval_top1(
 
     ``views1`` / ``views2``: iterables of image batches (tensors, or ``(images, labels)``), in the
     same image order. The encoder runs in eval mode (BN running statistics) and is restored.
+    No collective: the features stay on ``device``, on this process only.
     """
-    with inference_context(encoder):
-        f1 = _features(encoder, views1, device)
-        f2 = _features(encoder, views2, device)
+    f1, _ = extract_features(encoder, views1, device, normalize=True, gather=False, cpu=False)
+    f2, _ = extract_features(encoder, views2, device, normalize=True, gather=False, cpu=False)
     return retrieval_top1(f1, f2)
 
 

@@ -7,40 +7,13 @@ feature extraction pass. All functions that gather are collective (call them on 
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
-import torch.nn.functional as F
-from detectron2.evaluation.evaluator import inference_context
-from detectron2.utils import comm
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from pretrain.data import build_eval_loader
-from pretrain.models import backbone_features
+from pretrain.features import extract_features
 
-__all__ = ["extract_features", "knn_predict", "knn_top1"]
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: nn.Module, loader: DataLoader, device: torch.device
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised backbone features and labels of the whole dataset, on CPU, in dataset order.
-
-    ``loader`` must shard the dataset contiguously in rank order (:func:`build_eval_loader`).
-    """
-    feats, labels = [], []
-    for images, targets in loader:
-        f = backbone_features(encoder, images.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1).cpu())
-        labels.append(targets.cpu())
-    dim = encoder.fc[0].in_features
-    local_f = torch.cat(feats) if feats else torch.zeros(0, dim)
-    local_y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    all_f = comm.all_gather(local_f)
-    all_y = comm.all_gather(local_y)
-    return torch.cat(all_f), torch.cat(all_y)
+__all__ = ["knn_predict", "knn_top1"]
 
 
 def knn_predict(
@@ -80,17 +53,15 @@ def knn_top1(
     k: int = 200,
     t: float = 0.1,
 ) -> float:
-    """kNN top-1 accuracy (%) of ``val_set`` against ``train_set`` (both with eval transforms).
+    """kNN top-1 accuracy (%) of ``val_set`` against ``train_set`` (both with eval transforms),
+    on the L2-normalised backbone features of :func:`pretrain.features.extract_features`
+    (collective: each process extracts its shard of each split, then all-gather).
 
     The encoder is put in eval mode (BN running statistics) and restored afterwards.
     """
-    with inference_context(encoder):
-        train_f, train_y = extract_features(
-            encoder, build_eval_loader(train_set, batch_size, num_workers=num_workers), device
-        )
-        val_f, val_y = extract_features(
-            encoder, build_eval_loader(val_set, batch_size, num_workers=num_workers), device
-        )
+    args = (device, batch_size, num_workers)
+    train_f, train_y = extract_features(encoder, train_set, *args, normalize=True)
+    val_f, val_y = extract_features(encoder, val_set, *args, normalize=True)
     num_classes = len(getattr(train_set, "classes", [])) or int(train_y.max()) + 1
     pred = knn_predict(train_f, train_y, val_f, num_classes, k, t)
     return 100.0 * (pred == val_y).float().mean().item() if len(val_y) else float("nan")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from pretrain.config import load_pretrain_cfg
+from pretrain.config import get_pretrain_cfg, load_pretrain_cfg
 from pretrain.data import build_image_folder, eval_transform
 from pretrain.io import UserError, load_checkpoint
 from pretrain.knn import knn_predict
@@ -429,6 +429,27 @@ def test_shipped_configs_load_and_follow_the_protocol():
     assert (demo.MODEL.ARCH, demo.INPUT.SIZE) == (pre.MODEL.ARCH, pre.INPUT.SIZE)
     assert demo.DATASETS.ROOT == pre.DATASETS.ROOT
     assert (demo.SOLVER.BASE_LR, demo.SOLVER.EPOCHS) == (30.0, 100)
+
+
+def test_run_keys_are_shared_with_pretraining():
+    """DATALOADER, NAME, SEED, LOG_PERIOD and CUDNN_BENCHMARK come from one place
+    (pretrain.config.add_run_config) with the same defaults; only OUTPUT_DIR's differs."""
+    lin, pre = get_lincls_cfg(), get_pretrain_cfg()
+    for key in ("DATALOADER", "NAME", "SEED", "LOG_PERIOD", "CUDNN_BENCHMARK"):
+        assert lin[key] == pre[key], key
+    assert dict(lin.DATALOADER) == {
+        "NUM_WORKERS": 8, "PIN_MEMORY": True, "PERSISTENT_WORKERS": True, "PREFETCH_FACTOR": 2
+    }  # fmt: skip
+    assert (lin.NAME, lin.SEED, lin.LOG_PERIOD, lin.CUDNN_BENCHMARK) == ("", 0, 20, True)
+    assert lin.OUTPUT_DIR == "output/lincls/r50_100ep"
+    assert pre.OUTPUT_DIR == "output/pretrain/simo_r50_200ep"
+    for opts, message in [
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS must be >= 0."),
+        (["LOG_PERIOD", "0"], "LOG_PERIOD must be > 0."),
+        (["OUTPUT_DIR", ""], "OUTPUT_DIR must not be empty."),
+    ]:
+        with pytest.raises(UserError, match=f"^{message}$"):
+            load_lincls_cfg("", opts, check_paths=False)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,148 @@
+"""The linear-evaluation config: every key with its default (the MoCo R50 protocol), loading
+and validation.
+
+``load_lincls_cfg(file, opts)`` merges a YAML file (with its ``_BASE_`` chain) and ``KEY VALUE``
+overrides into :func:`get_lincls_cfg`'s defaults and validates the result; every mistake is one
+:class:`pretrain.io.UserError` sentence naming the key. The keys shared with pretraining
+(DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD, CUDNN_BENCHMARK) come from
+:func:`pretrain.config.add_run_config`.
+"""
+from __future__ import annotations
+
+import os
+
+from pretrain.config import (
+    ARCHS,
+    PretrainCfgNode,
+    add_run_config,
+    merge_config,
+    validate_run_config,
+)
+from pretrain.io import UserError
+
+__all__ = ["add_lincls_config", "get_lincls_cfg", "load_lincls_cfg", "validate_lincls_cfg"]
+
+
+def add_lincls_config(cfg: PretrainCfgNode) -> None:
+    """Add every linear-evaluation key with its default (the MoCo R50 protocol)."""
+    cfg.MODEL = PretrainCfgNode()
+    # torchvision ResNet of the checkpoint (must match it): resnet18/34/50/101/152, wide_resnet*
+    cfg.MODEL.ARCH = "resnet50"
+    # checkpoint to evaluate: ours (encoder_q.*), MoCo's (module.encoder_q.*), torchvision's
+    cfg.MODEL.WEIGHTS = ""
+
+    cfg.INPUT = PretrainCfgNode()
+    # crop size: RandomResizedCrop(SIZE) for train, CenterCrop(SIZE) for val
+    cfg.INPUT.SIZE = 224
+    # shorter side before the val center crop; 0 = round(SIZE * 256 / 224) (256 for 224)
+    cfg.INPUT.RESIZE = 0
+
+    cfg.DATASETS = PretrainCfgNode()
+    # ImageFolder root holding <TRAIN_SPLIT>/<class>/*.jpg and <VAL_SPLIT>/<class>/*.jpg
+    cfg.DATASETS.ROOT = "datasets/imagenet"
+    cfg.DATASETS.TRAIN_SPLIT = "train"
+    cfg.DATASETS.VAL_SPLIT = "val"
+
+    cfg.SOLVER = PretrainCfgNode()
+    # global batch over all processes
+    cfg.SOLVER.IMS_PER_BATCH = 256
+    # used as is, whatever the batch size (MoCo does not scale the linear-eval lr)
+    cfg.SOLVER.BASE_LR = 30.0
+    cfg.SOLVER.MOMENTUM = 0.9
+    cfg.SOLVER.WEIGHT_DECAY = 0.0
+    # length in epochs of DATASETS.TRAIN_SPLIT (ignored if MAX_ITER > 0)
+    cfg.SOLVER.EPOCHS = 100
+    # length in iterations; > 0 overrides EPOCHS (the lr drops stay at LR_DROP_EPOCHS)
+    cfg.SOLVER.MAX_ITER = 0
+    # multiply the lr by GAMMA at the start of each of these epochs (MoCo: 60, 80)
+    cfg.SOLVER.LR_DROP_EPOCHS = (60, 80)
+    cfg.SOLVER.GAMMA = 0.1
+    # save model_{iter:07d}.pth every this many epochs (may be fractional; model_final.pth always)
+    cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
+    # keep only the newest this many periodic checkpoints (0 = keep all)
+    cfg.SOLVER.MAX_TO_KEEP = 2
+
+    cfg.TEST = PretrainCfgNode()
+    # also evaluate top-1/top-5 on VAL_SPLIT every this many epochs (0 = only at the end)
+    cfg.TEST.EVAL_PERIOD_EPOCHS = 0.0
+    # global batch of the val pass and of the feature extraction
+    cfg.TEST.IMS_PER_BATCH = 256
+    # also report the weighted kNN top-1 of the frozen backbone (val against train, eval-transform
+    # features, cosine similarity; no training). Without CACHED_FEATURES it costs one extra
+    # feature-extraction pass over both splits. False: skipped (results.json knn_top1 null)
+    cfg.TEST.KNN = True
+    # neighbours that vote (capped at the number of train images)
+    cfg.TEST.KNN_K = 20
+    # temperature of the vote: neighbour j weighs exp(cosine_j / KNN_T)
+    cfg.TEST.KNN_T = 0.1
+
+    # train the fc on features of center crops extracted once (fast; NOT the paper protocol,
+    # which augments every epoch). Set by the CLI flag --cached-features.
+    cfg.CACHED_FEATURES = False
+
+    # DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD and CUDNN_BENCHMARK: add_run_config in
+    # pretrain/config.py. Here NAME is the name of the pre-training in results.json; "" = the
+    # checkpoint's meta.name, else its file name. SEED seeds the fc initialisation and the data
+    # order (augmentations are seeded per sample); the progress line also shows the lr.
+    add_run_config(cfg, output_dir="output/lincls/r50_100ep")
+
+
+def get_lincls_cfg() -> PretrainCfgNode:
+    """A fresh config holding the linear-evaluation defaults."""
+    cfg = PretrainCfgNode()
+    add_lincls_config(cfg)
+    return cfg
+
+
+def load_lincls_cfg(
+    config_file: str, opts: list[str] | None = None, check_paths: bool = True
+) -> PretrainCfgNode:
+    """Defaults <- ``config_file`` (with ``_BASE_``) <- ``KEY VALUE`` overrides, validated.
+
+    Every mistake (unknown key, wrong type, missing file) is one :class:`UserError` sentence.
+    """
+    cfg = merge_config(get_lincls_cfg(), config_file, opts, "pretrain/lincls/config.py")
+    validate_lincls_cfg(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
+    """Reject values that cannot work, each with one sentence naming the key."""
+    s = cfg.SOLVER
+    arch = cfg.MODEL.ARCH
+    _need(arch in ARCHS, f"MODEL.ARCH {arch!r} is unknown; choose one of {ARCHS}.")
+    _need(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}.")
+    _need(s.BASE_LR > 0, f"SOLVER.BASE_LR must be > 0, got {s.BASE_LR}.")
+    _need(s.WEIGHT_DECAY >= 0 and s.MOMENTUM >= 0, "SOLVER.WEIGHT_DECAY and MOMENTUM must be >= 0.")
+    _need(s.MAX_ITER > 0 or s.EPOCHS > 0, "set SOLVER.EPOCHS or SOLVER.MAX_ITER to be positive.")
+    drops = list(s.LR_DROP_EPOCHS)
+    _need(
+        all(d > 0 for d in drops) and drops == sorted(set(drops)),
+        f"SOLVER.LR_DROP_EPOCHS {tuple(drops)} must be strictly increasing positive epochs.",
+    )
+    _need(0 < s.GAMMA <= 1, f"SOLVER.GAMMA must be in (0, 1], got {s.GAMMA}.")
+    _need(s.CHECKPOINT_PERIOD_EPOCHS > 0, "SOLVER.CHECKPOINT_PERIOD_EPOCHS must be > 0.")
+    _need(cfg.TEST.EVAL_PERIOD_EPOCHS >= 0, "TEST.EVAL_PERIOD_EPOCHS must be >= 0.")
+    _need(cfg.TEST.IMS_PER_BATCH >= 1, "TEST.IMS_PER_BATCH must be >= 1.")
+    _need(cfg.TEST.KNN_K >= 1, f"TEST.KNN_K must be >= 1, got {cfg.TEST.KNN_K}.")
+    _need(cfg.TEST.KNN_T > 0, f"TEST.KNN_T must be > 0, got {cfg.TEST.KNN_T}.")
+    _need(cfg.INPUT.SIZE >= 8, f"INPUT.SIZE must be at least 8 pixels, got {cfg.INPUT.SIZE}.")
+    _need(
+        cfg.INPUT.RESIZE == 0 or cfg.INPUT.RESIZE >= cfg.INPUT.SIZE,
+        "INPUT.RESIZE must be 0 (automatic) or at least INPUT.SIZE.",
+    )
+    validate_run_config(cfg)
+    if check_paths:
+        for key in ("TRAIN_SPLIT", "VAL_SPLIT"):
+            path = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS[key])
+            _need(
+                os.path.isdir(path),
+                f"DATASETS.ROOT/{key} {path} is not a folder; point DATASETS.ROOT at an "
+                "ImageFolder root (e.g. datasets/shapes/imagefolder from tools/make_shapes.py).",
+            )
+

@@ -1,0 +1,220 @@
+"""How good the frozen backbone and its linear classifier are: top-1 / top-5 of the fc (on val
+images or cached val features) and the weighted kNN top-1 of the backbone (``TEST.KNN``).
+
+The kNN top-1 is val against train, both through the eval transform (Resize + CenterCrop),
+cosine similarity of L2-normalised features, ``exp(s / TEST.KNN_T)`` vote of the ``TEST.KNN_K``
+nearest (:func:`pretrain.knn.knn_predict`). It needs no training, so it is the same evaluation
+for every backbone, random init included. Every function here that gathers is collective.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torchvision
+from detectron2.evaluation.evaluator import inference_context
+from detectron2.utils import comm
+from torch import nn
+from torch.utils.data import Dataset
+
+from pretrain.config import PretrainCfgNode
+from pretrain.data import (
+    RobustImageFolder,
+    build_eval_loader,
+    build_image_folder,
+    count_bad_files,
+    eval_transform,
+)
+from pretrain.io import UserError
+from pretrain.knn import knn_predict
+from pretrain.lincls.data import CachedFeatures, extract_cached
+from pretrain.models import backbone_features
+
+__all__ = [
+    "accuracy",
+    "evaluate_features",
+    "evaluate_images",
+    "frozen_knn_top1",
+    "knn_accuracy",
+    "knn_features",
+    "knn_results",
+    "percent",
+    "topk_correct",
+]
+
+# the package's logger: log.txt names these lines pretrain.lincls, as before the split
+logger = logging.getLogger("pretrain.lincls")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    """Number of rows whose label is among the ``k`` highest logits, for each ``k`` (capped at
+    the number of classes)."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+def accuracy(counts: Sequence[int], total: int) -> dict[str, float]:
+    """``{"top1", "top5"}`` in % from the top-1 / top-5 hit counts of ``total`` val images."""
+    if total == 0:
+        raise UserError("the val split has no images to evaluate.")
+    return {"top1": 100.0 * counts[0] / total, "top5": 100.0 * counts[1] / total}
+
+
+@torch.no_grad()
+def evaluate_images(
+    net: torchvision.models.ResNet,
+    val_set: Dataset,
+    device: torch.device,
+    batch_size_per_rank: int,
+    num_workers: int,
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) of ``net`` (backbone + fc, eval mode) on ``val_set`` (collective)."""
+    loader = build_eval_loader(
+        val_set, batch_size_per_rank, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    counts, total = [0, 0], 0
+    with inference_context(net):
+        for images, labels in loader:
+            logits = net.fc(backbone_features(net, images.to(device, non_blocking=True)))
+            c = topk_correct(logits.float().cpu(), labels, (1, 5))
+            counts = [a + b for a, b in zip(counts, c)]
+            total += len(labels)
+    gathered = comm.all_gather((counts, total))
+    counts = [sum(g[0][i] for g in gathered) for i in range(2)]
+    return accuracy(counts, sum(g[1] for g in gathered))
+
+
+@torch.no_grad()
+def evaluate_features(
+    fc: nn.Module, features: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) of ``fc`` on cached features (every rank holds all of them)."""
+    counts = [0, 0]
+    for start in range(0, len(labels), 4096):
+        logits = fc(features[start : start + 4096].to(device)).float().cpu()
+        c = topk_correct(logits, labels[start : start + 4096], (1, 5))
+        counts = [a + b for a, b in zip(counts, c)]
+    return accuracy(counts, len(labels))
+
+
+# at most this many similarities (float32) per kNN chunk: 256 MiB, whatever the train size
+_KNN_CHUNK_ELEMENTS = 2**26
+
+
+def _normalized_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``F.normalize(x, dim=1)`` on ``device`` with one copy of ``x`` (ImageNet train features of
+    a ResNet-50 are 10 GB), never modifying ``x``."""
+    out = x.to(device=device, dtype=torch.float32, copy=True)
+    return out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def knn_accuracy(
+    features: CachedFeatures,
+    num_classes: int,
+    k: int,
+    t: float,
+    device: torch.device | None = None,
+) -> float:
+    """Weighted kNN top-1 (%) of the val features against the train features.
+
+    Both are L2-normalised here (copies: the cached features stay as they are), so similarities
+    are cosines; :func:`pretrain.knn.knn_predict` votes with ``exp(cos / t)`` over the ``k``
+    nearest train features. Collective: every rank holds all features
+    (:func:`pretrain.features.extract_features` gathers them), classifies every ``world``-th val
+    row on ``device`` and the counts are summed.
+    """
+    # every rank holds the same features: these checks agree on all of them
+    if not len(features.val_labels):
+        raise UserError("the val split has no images to evaluate.")
+    if not len(features.train_labels):
+        raise UserError("the train split has no images: the kNN evaluation needs them.")
+    device = device or torch.device("cpu")
+    rank, world = comm.get_rank(), comm.get_world_size()
+    train = _normalized_copy(features.train, device)
+    train_y = features.train_labels.to(device)
+    val = _normalized_copy(features.val[rank::world], device)
+    val_y = features.val_labels[rank::world]
+    chunk = max(1, min(1024, _KNN_CHUNK_ELEMENTS // len(train_y)))
+    pred = knn_predict(train, train_y, val, num_classes, k, t, chunk=chunk).cpu()
+    gathered = comm.all_gather((int((pred == val_y).sum()), len(val_y)))
+    return 100.0 * sum(g[0] for g in gathered) / sum(g[1] for g in gathered)
+
+
+def knn_features(
+    net: torchvision.models.ResNet,
+    cfg: PretrainCfgNode,
+    val_set: RobustImageFolder,
+    device: torch.device,
+    batch_size_per_rank: int,
+) -> CachedFeatures:
+    """Features of the train split through the *eval* transform (as the val split's) and of the
+    val split: one extraction pass over each (collective, like the cached features)."""
+    tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
+    train_set = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT, tf)
+    if train_set.classes != val_set.classes:
+        raise UserError(
+            f"{val_set.root}: its class folders differ from those of {train_set.root}; the kNN "
+            "evaluation needs the same classes in both splits (or set TEST.KNN False)."
+        )
+    logger.info(
+        "Extracting eval-transform features of %d train + %d val images for the kNN top-1...",
+        len(train_set),
+        len(val_set),
+    )
+    workers = cfg.DATALOADER.NUM_WORKERS
+    features = extract_cached(net, train_set, val_set, device, batch_size_per_rank, workers)
+    bad = count_bad_files(train_set)
+    if bad:
+        logger.warning("%d unreadable train images were skipped by the kNN extraction.", bad)
+    return features
+
+
+def frozen_knn_top1(
+    net: torchvision.models.ResNet,
+    cfg: PretrainCfgNode,
+    val_set: RobustImageFolder,
+    num_classes: int,
+    device: torch.device,
+    batch_size_per_rank: int,
+    features: CachedFeatures | None = None,
+) -> float | None:
+    """TEST.KNN's top-1 (%) of ``net``'s frozen backbone (:func:`knn_accuracy` with TEST.KNN_K /
+    KNN_T), logged; None when TEST.KNN is False. ``features``: eval-transform features of both
+    splits already extracted (cached mode), else one extraction pass (collective)."""
+    if not cfg.TEST.KNN:
+        return None
+    if features is None:
+        features = knn_features(net, cfg, val_set, device, batch_size_per_rank)
+    top1 = knn_accuracy(features, num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, device)
+    logger.info(
+        "kNN top-1 %.2f%% (k=%d, T=%g; %d val against %d train images, eval-transform features "
+        "of the frozen backbone)",
+        top1,
+        cfg.TEST.KNN_K,
+        cfg.TEST.KNN_T,
+        len(features.val_labels),
+        len(features.train_labels),
+    )
+    return top1
+
+
+
+def knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:
+    """The results.json kNN keys: all None when TEST.KNN is False."""
+    on = bool(cfg.TEST.KNN)
+    return {
+        "knn_top1": top1,
+        "knn_k": int(cfg.TEST.KNN_K) if on else None,
+        "knn_t": float(cfg.TEST.KNN_T) if on else None,
+    }
+
+
+def percent(value: float | None) -> str:
+    """A log-line percentage, ``-`` for None."""
+    return "-" if value is None else f"{value:.2f}%"
+
