@@ -102,13 +102,16 @@ def in_batch_logits(
     dtype = torch.float64 if torch.float64 in (q.dtype, keys.dtype) else torch.float32
     with torch.autocast(device_type=q.device.type, enabled=False):
         sims = q.to(dtype) @ keys.to(dtype).t()
-    rows = torch.arange(n, device=q.device)
-    pos = sims[rows, pos_index]
-    keep = torch.ones(n, m, dtype=torch.bool, device=q.device)
-    keep[rows, pos_index] = False
+    pos = sims.gather(1, pos_index.view(n, 1)).squeeze(1)
+    # the kept columns of each row, in order, by index arithmetic (a boolean mask would make the
+    # host wait for the device to count the kept entries): j -> j + (j >= a) + (j' >= b)
+    skip = pos_index.view(n, 1)
     if exclude is not None:
-        keep[rows, exclude] = False
-    return pos, sims[keep].view(n, -1)
+        skip = torch.sort(torch.cat([skip, exclude.view(n, 1)], dim=1), dim=1).values
+    cols = torch.arange(m - skip.shape[1], device=q.device).expand(n, -1)
+    for j in range(skip.shape[1]):
+        cols = cols + (cols >= skip[:, j : j + 1]).long()
+    return pos, sims.gather(1, cols)
 
 
 class ContrastiveMethod(nn.Module):
@@ -164,6 +167,8 @@ class ContrastiveMethod(nn.Module):
         bit-identical to it (tested)."""
         params_k = list(self.encoder_k.parameters())
         params_q = [p.detach() for p in self.encoder_q.parameters()]
+        if not params_k:  # a parameter-free encoder (tests)
+            return
         torch._foreach_mul_(params_k, self.momentum)
         torch._foreach_add_(params_k, params_q, alpha=1.0 - self.momentum)
 
@@ -287,6 +292,7 @@ class MoCoV2(ContrastiveMethod):
         g = torch.Generator().manual_seed(int(self.generator.initial_seed()) + 1)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim, generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._ptr = 0  # host copy of queue_ptr, so that enqueueing never reads the device
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, object]:
@@ -326,9 +332,14 @@ class MoCoV2(ContrastiveMethod):
     def after_loss(self, k: torch.Tensor) -> None:
         """Enqueue the global batch's view-2 keys, once per step (N keys, also when symmetric)."""
         keys = concat_all_gather(k)
-        ptr = int(self.queue_ptr)
+        ptr = self._ptr
         self.queue[ptr : ptr + keys.shape[0]] = keys  # QUEUE_SIZE % batch == 0 (validated)
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
+        self._ptr = (ptr + keys.shape[0]) % self.queue.shape[0]
+        self.queue_ptr.fill_(self._ptr)  # the checkpointed copy, written without a host read
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ptr = int(self.queue_ptr)  # restored from a checkpoint (at set-up, not in a step)
 
 
 @METHOD_REGISTRY.register()

@@ -18,11 +18,13 @@ __all__ = ["NonFiniteLossError", "check_finite", "FiniteCheckHook", "ProgressHoo
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (hence its gradients) became NaN/inf; raised before the optimizer step, so no
-    weight is updated with it."""
+    """The loss (hence its gradients) became NaN/inf at ``iteration``; raised before the
+    optimizer step of iteration ``detected`` (>= ``iteration``), and before any checkpoint of an
+    iteration >= ``iteration`` was written."""
 
-    def __init__(self, iteration: int) -> None:
+    def __init__(self, iteration: int, detected: Optional[int] = None) -> None:
         self.iteration = iteration
+        self.detected = iteration if detected is None else detected
         super().__init__(f"the loss became non-finite at iteration {iteration} (NaN/inf gradients)")
 
 
@@ -47,28 +49,54 @@ class _HideNonFiniteTraceback(logging.Filter):
 
 
 class FiniteCheckHook(hooks.HookBase):
-    """Raise :class:`NonFiniteLossError` after the backward of a step whose gradients are not all
-    finite, before the optimizer step (a NaN/inf loss makes its gradients NaN/inf).
+    """Stop the run when a step's gradients are not all finite (a NaN/inf loss makes them so).
 
-    Every process stops at the same iteration without a collective: DDP has already averaged the
-    gradients, so all processes check the same values. The check is one fused
-    ``torch._foreach_norm`` on the device and one host read.
+    Every step, after the backward, one fused ``torch._foreach_norm`` on the device records the
+    first bad iteration in a device tensor, without reading it back. The host reads it every
+    ``period`` iterations (LOG_PERIOD), at every ``checkpoint_period`` iteration and at the last
+    one, before that step's update and save, and raises :class:`NonFiniteLossError`: no
+    checkpoint ever holds weights updated with a non-finite gradient. Every process stops at the
+    same iteration without a collective: DDP has already averaged the gradients, so all processes
+    check the same values.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+    def __init__(
+        self, params: Iterable[torch.Tensor], period: int = 1, checkpoint_period: int = 0
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
+        self.period = max(int(period), 1)
+        self.checkpoint_period = int(checkpoint_period)
+        self._first_bad: Optional[torch.Tensor] = None
         self._filter = _HideNonFiniteTraceback()
 
     def before_train(self) -> None:
+        self._first_bad = None
         logging.getLogger("detectron2.engine.train_loop").addFilter(self._filter)
 
     def after_train(self) -> None:
         logging.getLogger("detectron2.engine.train_loop").removeFilter(self._filter)
 
+    def _due(self, it: int) -> bool:
+        return (
+            (it + 1) % self.period == 0
+            or (self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0)
+            or it >= self.trainer.max_iter - 1
+        )
+
     def after_backward(self) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            raise NonFiniteLossError(self.trainer.iter)
+        if not grads:
+            return
+        it = self.trainer.iter
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+        # -1 while every step was finite, else the first bad iteration (no host read)
+        self._first_bad = torch.where((self._first_bad < 0) & ~finite, it, self._first_bad)
+        if self._due(it):
+            first = int(self._first_bad)  # the one host read, once per period
+            if first >= 0:
+                raise NonFiniteLossError(first, detected=it)
 
 
 class ProgressHook(hooks.HookBase):

@@ -29,19 +29,18 @@ def build_trainer(
     *,
     amp_dtype: Optional[torch.dtype] = None,
     grad_scaler: Optional[torch.amp.GradScaler] = None,
+    log_period: int = 1,
 ) -> SimpleTrainer:
     """``SimpleTrainer``, or ``AMPTrainer`` (autocast to ``amp_dtype``, CUDA only) when
     ``amp_dtype`` is set, as detectron2's ``DefaultTrainer`` chooses. ``model(batch)`` returns a
-    dict of losses; the trainer zeroes the gradients before the forward."""
+    dict of losses; the trainer zeroes the gradients before the forward. The losses are read
+    back and gathered over processes every ``log_period`` iterations only (detectron2's
+    ``gather_metric_period``): the other steps never wait for the device."""
+    common = dict(zero_grad_before_forward=True, gather_metric_period=log_period)
     if amp_dtype is None:
-        return SimpleTrainer(model, data_loader, optimizer, zero_grad_before_forward=True)
+        return SimpleTrainer(model, data_loader, optimizer, **common)
     return AMPTrainer(
-        model,
-        data_loader,
-        optimizer,
-        zero_grad_before_forward=True,
-        grad_scaler=grad_scaler,
-        precision=amp_dtype,
+        model, data_loader, optimizer, grad_scaler=grad_scaler, precision=amp_dtype, **common
     )
 
 
@@ -88,7 +87,12 @@ class TrainingRun:
             self.device.type, enabled=amp_dtype == torch.float16
         )
         self.trainer = build_trainer(
-            train_model, self.loader, optimizer, amp_dtype=amp_dtype, grad_scaler=self.grad_scaler
+            train_model,
+            self.loader,
+            optimizer,
+            amp_dtype=amp_dtype,
+            grad_scaler=self.grad_scaler,
+            log_period=self.cfg.LOG_PERIOD,
         )
         return self.trainer
 
@@ -99,7 +103,11 @@ class TrainingRun:
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(self.optimizer, scheduler),
-            FiniteCheckHook(p for group in self.optimizer.param_groups for p in group["params"]),
+            FiniteCheckHook(
+                (p for group in self.optimizer.param_groups for p in group["params"]),
+                period=self.cfg.LOG_PERIOD,
+                checkpoint_period=checkpoint_period,
+            ),
             ProgressHook(self.cfg.SOLVER.IMS_PER_BATCH, self.loader.epochs_done),
             hooks.PeriodicCheckpointer(self.checkpointer, checkpoint_period, max_to_keep=max_keep),
         ]
