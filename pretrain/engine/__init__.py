@@ -10,13 +10,7 @@
 """
 
 from pretrain.engine.checkpoint import AtomicCheckpointer, RNGStates
-from pretrain.engine.hooks import (
-    FiniteCheckHook,
-    NonFiniteLossError,
-    ProgressHook,
-    build_writers,
-    check_finite,
-)
+from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
 from pretrain.engine.launch import finish_distributed, get_device, launch_from_args, setup_run
 from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
 from pretrain.engine.train_loop import TrainingRun, build_trainer, write_results
@@ -29,7 +23,6 @@ __all__ = [
     "AtomicCheckpointer",
     "RNGStates",
     "NonFiniteLossError",
-    "check_finite",
     "FiniteCheckHook",
     "ProgressHook",
     "build_writers",

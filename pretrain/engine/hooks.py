@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 from detectron2.engine import hooks
-from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-__all__ = ["NonFiniteLossError", "check_finite", "FiniteCheckHook", "ProgressHook", "build_writers"]
+__all__ = ["NonFiniteLossError", "FiniteCheckHook", "ProgressHook", "build_writers"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,17 +24,6 @@ class NonFiniteLossError(RuntimeError):
         self.iteration = iteration
         self.detected = iteration if detected is None else detected
         super().__init__(f"the loss became non-finite at iteration {iteration} (NaN/inf gradients)")
-
-
-def check_finite(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
-    """Raise :class:`NonFiniteLossError` on every process if any process has a non-finite loss
-    (the flag is all-reduced, so all processes stop at the same iteration)."""
-    total = sum(v.detach().float() for v in loss_dict.values())
-    bad = (~torch.isfinite(total)).float().reshape(1)
-    if comm.get_world_size() > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        raise NonFiniteLossError(iteration)
 
 
 class _HideNonFiniteTraceback(logging.Filter):

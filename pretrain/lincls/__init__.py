@@ -33,7 +33,7 @@ One job per module:
 * :mod:`~pretrain.lincls.data` -- the two image folders, per-process batches, cached features
   (extracted by :func:`pretrain.features.extract_features`, re-exported here);
 * :mod:`~pretrain.lincls.metrics` -- top-1 / top-5 of the fc, kNN top-1 of the backbone;
-* :mod:`~pretrain.lincls.trainer` -- :class:`LinearClassifier`, :class:`LinearTrainer` (the step);
+* :mod:`~pretrain.lincls.model` -- :class:`LinearClassifier` (frozen backbone + fc, the loss);
 * :mod:`~pretrain.lincls.evaluator` -- :class:`LinearEvaluator` (one run: train, evaluate, save);
 * :mod:`~pretrain.lincls.api` -- :func:`run_linear_eval` and :func:`evaluate_weights`
   (``--eval-only``).
@@ -49,7 +49,7 @@ from pretrain.lincls.config import (
 from pretrain.lincls.data import CachedFeatures, FeatureDataset
 from pretrain.lincls.evaluator import LinearEvaluator
 from pretrain.lincls.metrics import knn_accuracy, topk_correct
-from pretrain.lincls.trainer import LinearClassifier, LinearTrainer
+from pretrain.lincls.model import LinearClassifier
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -64,7 +64,6 @@ __all__ = [
     "FeatureDataset",
     "LinearClassifier",
     "LinearEvaluator",
-    "LinearTrainer",
     "PretrainedWeights",
     "add_lincls_config",
     "build_linear_model",

@@ -23,15 +23,7 @@ from torch.utils.data import Dataset
 
 from pretrain.config import PretrainCfgNode
 from pretrain.data import build_train_loader, count_bad_files
-from pretrain.engine import (
-    AtomicCheckpointer,
-    NonFiniteLossError,
-    ProgressHook,
-    RNGStates,
-    build_writers,
-    get_device,
-    write_results,
-)
+from pretrain.engine import AtomicCheckpointer, RNGStates, TrainingRun
 from pretrain.io import UserError
 from pretrain.lincls.data import (
     CachedFeatures,
@@ -47,7 +39,7 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
-from pretrain.lincls.trainer import LinearClassifier, LinearTrainer
+from pretrain.lincls.model import LinearClassifier
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -68,8 +60,9 @@ _PROTOCOL = {
 }
 
 
-class LinearEvaluator:
-    """Data, frozen backbone, fc, optimizer, schedule, checkpoints and hooks of one linear eval.
+class LinearEvaluator(TrainingRun):
+    """Data, frozen backbone, fc, optimizer, schedule, checkpoints and hooks of one linear eval,
+    on the shared loop of :class:`pretrain.engine.TrainingRun`.
 
     Call on every process (after :func:`pretrain.engine.setup_run` for log.txt/config.yaml)::
 
@@ -84,6 +77,8 @@ class LinearEvaluator:
             the extraction).
     """
 
+    stage = "linear eval"
+
     def __init__(
         self,
         cfg: PretrainCfgNode,
@@ -91,10 +86,7 @@ class LinearEvaluator:
         weights: PretrainedWeights | None = None,
         features: CachedFeatures | None = None,
     ) -> None:
-        self.cfg = cfg
-        self.device = get_device()
-        if comm.is_main_process():
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        super().__init__(cfg)
         self.cached = bool(cfg.CACHED_FEATURES)
         self.weights = weights or load_pretrained(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, unsafe)
         self.name = default_name(cfg, self.weights)
@@ -143,18 +135,20 @@ class LinearEvaluator:
         )
         params = [p for p in self.net.parameters() if p.requires_grad]
         assert len(params) == 2, "only fc.weight and fc.bias are trained"  # as MoCo's main_lincls
-        self.optimizer = torch.optim.SGD(
-            params,
-            lr=cfg.SOLVER.BASE_LR,
-            momentum=cfg.SOLVER.MOMENTUM,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        self.build_trainer(
+            self.model,
+            torch.optim.SGD(
+                params,
+                lr=cfg.SOLVER.BASE_LR,
+                momentum=cfg.SOLVER.MOMENTUM,
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            ),
         )
         # lr x GAMMA at the first iteration of each drop epoch (MoCo adjusts per epoch)
         self.milestones = [int(round(e * ipe)) for e in cfg.SOLVER.LR_DROP_EPOCHS]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, self.milestones, gamma=cfg.SOLVER.GAMMA
         )
-        self.trainer = LinearTrainer(self.model, self.loader, self.optimizer, self.device)
         self.checkpointer = AtomicCheckpointer(
             self.net,
             cfg.OUTPUT_DIR,
@@ -166,8 +160,7 @@ class LinearEvaluator:
         )
         self.last_eval: dict[str, float] = {}
         self.last_knn_top1: float | None = None
-        self.trainer.register_hooks(self.build_hooks())
-        self.start_iter = 0
+        self.register_hooks()
         logger.info(
             "Linear eval (%s) of %s [%s checkpoint %s]: %s, %d train / %d val images, %d classes, "
             "%d processes, global batch %d, %d iterations/epoch, %d iterations (%.2f epochs); "
@@ -205,24 +198,13 @@ class LinearEvaluator:
 
     def build_hooks(self) -> list[hooks.HookBase]:
         cfg = self.cfg
-        max_keep = cfg.SOLVER.MAX_TO_KEEP if cfg.SOLVER.MAX_TO_KEEP > 0 else None
-        ret: list[hooks.HookBase] = [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(self.optimizer, self.scheduler),
-            ProgressHook(cfg.SOLVER.IMS_PER_BATCH, self.loader.epochs_done),
-            hooks.PeriodicCheckpointer(
-                self.checkpointer,
-                self._epochs_to_iters(cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS),
-                max_to_keep=max_keep,
-            ),
-            # periodic evals, and the final one after the last iteration
-            hooks.EvalHook(self._epochs_to_iters(cfg.TEST.EVAL_PERIOD_EPOCHS), self.evaluate),
-        ]
-        if comm.is_main_process():
-            # last, so that it writes what the other hooks put into the storage this step
-            ret.append(
-                hooks.PeriodicWriter(build_writers(cfg.OUTPUT_DIR, self.max_iter), cfg.LOG_PERIOD)
-            )
+        ret = self.loop_hooks(
+            self.scheduler, self._epochs_to_iters(cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS)
+        )
+        # periodic evals, and the final one after the last iteration
+        eval_period = self._epochs_to_iters(cfg.TEST.EVAL_PERIOD_EPOCHS)
+        ret.append(hooks.EvalHook(eval_period, self.evaluate))
+        ret.append(self.writer_hook())
         return ret
 
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -287,26 +269,15 @@ class LinearEvaluator:
             "pretrain": dict(self.weights.meta),
         }
 
-    def resume_or_load(self, resume: bool = True) -> LinearEvaluator:
-        """With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, restore fc, optimizer,
-        scheduler, loader position and RNG states; else start at iteration 0."""
-        if resume and self.checkpointer.has_checkpoint():
-            extra = self.checkpointer.resume_or_load("", resume=True)
-            self.start_iter = int(extra["iteration"]) + 1
-            last = self.checkpointer.get_checkpoint_file()
-            try:
-                check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
-            except BackboneChangedError as e:
-                raise UserError(
-                    f"{last}: its backbone is not the one in MODEL.WEIGHTS {self.weights.path}; "
-                    "resume with the same MODEL.WEIGHTS or use a fresh OUTPUT_DIR."
-                ) from e
-            logger.info(
-                "Resumed at iteration %d (epoch %.3f)", self.start_iter, self.loader.epochs_done()
-            )
-        elif resume:
-            logger.info("No checkpoint in %s: starting from scratch.", self.cfg.OUTPUT_DIR)
-        return self
+    def after_resume(self, path: str) -> None:
+        """The restored fc must sit on the backbone of MODEL.WEIGHTS."""
+        try:
+            check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
+        except BackboneChangedError as e:
+            raise UserError(
+                f"{path}: its backbone is not the one in MODEL.WEIGHTS {self.weights.path}; "
+                "resume with the same MODEL.WEIGHTS or use a fresh OUTPUT_DIR."
+            ) from e
 
     @contextlib.contextmanager
     def _fc_threads(self) -> Iterator[None]:
@@ -333,14 +304,8 @@ class LinearEvaluator:
             self.trainer.iter = self.max_iter - 1
             self.evaluate()
         else:
-            try:
-                with self._fc_threads():
-                    self.trainer.train(self.start_iter, self.max_iter)
-            except NonFiniteLossError as e:
-                raise UserError(
-                    f"linear eval diverged: the loss became non-finite at iteration "
-                    f"{e.iteration}; lower SOLVER.BASE_LR."
-                ) from e
+            with self._fc_threads():
+                self.run_loop()
             self.trainer.iter = self.max_iter - 1  # TrainerBase leaves it at max_iter
         self.knn_eval()  # before the sanity check, which then covers its forward passes too
         checked = check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
@@ -371,7 +336,7 @@ class LinearEvaluator:
             "protocol": "cached" if self.cached else "moco",
             "skipped_images": bad,
         }
-        write_results(self.cfg.OUTPUT_DIR, results)
+        self.write_results(results)
         logger.info(
             "Linear eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s (%d val images, "
             "SEED %d) -> %s",
