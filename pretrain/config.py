@@ -1,7 +1,7 @@
 """The pretraining config: one detectron2-style ``CfgNode`` with a comment on every key.
 
-``get_pretrain_cfg()`` returns the defaults (= the paper's SiMo recipe, docs/methods.md, "Recipes:
-paper, released code, MoCo v2 and ours"); ``load_pretrain_cfg(file, opts)`` merges a YAML file
+``get_pretrain_cfg()`` returns the defaults (= the paper's SiMo recipe, docs/methods.md,
+"Recipes"); ``load_pretrain_cfg(file, opts)`` merges a YAML file
 (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides and validates the result, turning every
 mistake into a one-sentence :class:`UserError` before any heavy work starts.
 ``add_run_config`` adds the keys that linear evaluation (:mod:`pretrain.lincls`) shares.

@@ -11,8 +11,8 @@ Public API (also used by :mod:`pretrain.lincls`):
   ``(index, seed)``: the transform then runs under that seed, which makes augmentations independent
   of worker count and of where a resumed run restarts (exact resume).
 * :func:`moco_v2_transform`, :class:`TwoCropsTransform`, :func:`eval_transform`,
-  :func:`lincls_train_transform` -- the MoCo v2 "aug+" recipe (METHODS.md section 3) and the
-  linear-evaluation transforms (section 4).
+  :func:`lincls_train_transform` -- the MoCo v2 "aug+" recipe and the linear-evaluation
+  transforms (docs/methods.md, "Augmentation").
 * :class:`ResumableDistributedSampler` + :class:`ResumableLoader` and the builders
   :func:`build_train_loader` / :func:`build_eval_loader` -- distributed-aware loaders; the training
   loader iterates epoch after epoch (calling ``set_epoch``) and its position (epoch, batch) is
@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# torchvision / MoCo normalisation in RGB order (METHODS.md section 5 pairs it with detectron2).
+# torchvision / MoCo normalisation in RGB order (docs/methods.md, "Conversion": detectron2's side).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -197,7 +197,7 @@ def moco_v2_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> T.Compose:
-    """MoCo v2 "aug+" (METHODS.md section 3): RandomResizedCrop(size, scale 0.2-1),
+    """MoCo v2 "aug+" (docs/methods.md, "Augmentation"): RandomResizedCrop(size, scale 0.2-1),
     ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2, GaussianBlur(sigma 0.1-2) p=0.5,
     horizontal flip, normalisation.
 
@@ -254,7 +254,8 @@ def eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> T.Compose:
-    """Resize(256) + CenterCrop(224) + normalisation (METHODS.md section 4); ``resize`` defaults
+    """Resize(256) + CenterCrop(224) + normalisation (docs/methods.md, "Augmentation"); ``resize``
+    defaults
     to ``round(size * 256 / 224)`` so smaller demo resolutions keep the same crop ratio."""
     resize = resize or int(round(size * 256 / 224))
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])

@@ -1,4 +1,4 @@
-"""Contrastive losses as pure functions on similarity tensors (METHODS.md section 2).
+"""Contrastive losses as pure functions on similarity tensors (docs/methods.md, "Losses").
 
 Every loss takes
 
@@ -13,7 +13,7 @@ between logits that carry the signal. All log-sum-exps are the stable ``torch.lo
 
 The helpers at the bottom build ``(pos, neg)`` from embeddings for the three layouts the methods
 use: negatives shared by all queries (``[K, d]``, e.g. a queue), per-query negatives (``[N, K, d]``)
-and "other keys of the same batch" (SiMo, section 3), where K negatives are sampled without
+and "other keys of the same batch" (SiMo, EqCo paper section 3), where K negatives are sampled without
 replacement and never include the query's own key.
 """
 from __future__ import annotations
@@ -99,8 +99,8 @@ def eqco(pos: torch.Tensor, neg: torch.Tensor, tau: float, alpha: float) -> torc
 
 
 def dcl(pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
-    """Decoupled contrastive loss (Yeh et al., "Decoupled Contrastive Learning"; METHODS.md
-    section 2): the positive leaves the denominator::
+    """Decoupled contrastive loss (Yeh et al., "Decoupled Contrastive Learning"; docs/methods.md,
+    "Losses"): the positive leaves the denominator::
 
         L = -s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
 
@@ -120,7 +120,7 @@ def dclw(
     sigma: float = 0.5,
     detach_weight: bool = False,
 ) -> torch.Tensor:
-    """Weighted DCL, DCLW (Yeh et al.; METHODS.md section 2)::
+    """Weighted DCL, DCLW (Yeh et al.; docs/methods.md, "Losses")::
 
         w = 2 - M * softmax_over_batch(s+ / sigma)     (sums to M over the batch)
         L = -w * s+/tau + log( sum_{i=1..K} e^{s_i/tau} )
@@ -151,7 +151,7 @@ def dclw(
 
 
 def dual_temperature(pos: torch.Tensor, neg: torch.Tensor, tau: float, beta: float) -> torch.Tensor:
-    """Dual-temperature InfoNCE (Zhang et al., SimMoCo / SimCo; METHODS.md section 2)::
+    """Dual-temperature InfoNCE (Zhang et al., SimMoCo / SimCo; docs/methods.md, "Losses")::
 
         l = -log softmax(logits / tau)[pos]
         w = (1 - softmax(logits / (tau * beta))[pos]) / (1 - softmax(logits / tau)[pos])  (detached)

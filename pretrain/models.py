@@ -24,7 +24,7 @@ __all__ = [
 def projection_head(in_dim: int, hidden: int, out_dim: int, with_bn: bool) -> nn.Sequential:
     """2-layer MLP head.
 
-    ``with_bn=True``: fc-BN-ReLU-fc-BN (SiMo, METHODS.md section 3; the fcs have no bias, BN's
+    ``with_bn=True``: fc-BN-ReLU-fc-BN (SiMo, docs/methods.md, "SiMo"; the fcs have no bias, BN's
     shift replaces it). ``with_bn=False``: fc-ReLU-fc (MoCo v2).
     """
     if with_bn:

@@ -23,9 +23,9 @@ from transfer.report.tables import format_value, markdown_table, write_csv
 __all__ = ["PAPER_NOTE", "Report", "make_report"]
 
 PAPER_NOTE = (
-    "[paper]: reference rows from the EqCo paper (METHODS.md s. 6): Faster R-CNN R50-FPN, 4conv1fc "
-    "head, SyncBN, 1x schedule, COCO val2017 box AP; not run here. Only the values the table "
-    "states are shown."
+    "[paper]: reference rows from the EqCo paper (docs/methods.md, 'Detection transfer'): "
+    "Faster R-CNN R50-FPN, 4conv1fc head, SyncBN, 1x schedule, COCO val2017 box AP; not run "
+    "here. Only the values the table states are shown."
 )
 
 
