@@ -5,7 +5,7 @@ setup(
     name="eqco-transfer",
     version="0.1.0",
     description="SiMo/EqCo self-supervised pretraining, linear eval and detectron2 detection transfer",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["pretrain", "pretrain.*", "transfer", "transfer.*"]),
     # detectron2 is not on PyPI: `make install` (tools/install_detectron2.sh) installs it.
     install_requires=[
@@ -18,11 +18,15 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        # SLURM submission with requeue on preemption (tools/submit.py)
+        "submitit",
     ],
     extras_require={
         "dev": ["pytest", "ruff", "black"],
         # lightly: an independent oracle for our losses in tests/pretrain/test_lightly_oracle.py
         # (never imported at run time)
         "test": ["pytest", "lightly"],
+        # real photographs (the ones scikit-image ships) for bench/data_pipeline.py
+        "bench": ["scikit-image"],
     },
 )
