@@ -210,6 +210,10 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # of the first this many DATASETS.VAL_SPLIT images; top-1 (%) of view 1 finding its own
     # image's view 2 among them (pretrain/health.py). 0 = off
     cfg.TEST.RETRIEVAL_SIZE = 256
+    # log grad_norm_q, the norm of the loss gradient w.r.t. the query embeddings (EqCo's
+    # Theorem 2), every LOG_PERIOD into metrics.json (pretrain/grad_norm.py; not with
+    # MODEL.COMPILE)
+    cfg.TEST.GRAD_NORM = False
 
     # DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD and CUDNN_BENCHMARK: add_run_config. Here
     # NAME identifies this pre-training in later stages (meta.name); "" = basename of OUTPUT_DIR.

@@ -34,6 +34,7 @@ from pretrain.engine import (
     build_lr_multiplier,
     warmup_iterations,
 )
+from pretrain.grad_norm import QueryGradNormHook
 from pretrain.health import HealthHook, instance_retrieval_top1
 from pretrain.io import UserError, read_json
 from pretrain.knn import knn_top1
@@ -150,6 +151,15 @@ class Pretrainer(TrainingRun):
         ret = self.loop_hooks(self.scheduler, cfg.SOLVER.CHECKPOINT_PERIOD)
         if cfg.TEST.KNN_PERIOD > 0:
             ret.append(hooks.EvalHook(cfg.TEST.KNN_PERIOD, self.knn_eval))
+        if cfg.TEST.GRAD_NORM:
+            if cfg.MODEL.COMPILE:
+                logger.warning(
+                    "TEST.GRAD_NORM: grad_norm_q is not logged with MODEL.COMPILE (tensor hooks "
+                    "and compile clash)."
+                )
+            else:
+                # on every process: the value is averaged over processes
+                ret.append(QueryGradNormHook(self.model, cfg.LOG_PERIOD))
         if comm.is_main_process():
             # the health averages of the steps since the last write, just before the writer
             ret.append(HealthHook(self.model, cfg.LOG_PERIOD))

@@ -10,16 +10,28 @@ import argparse
 import os
 import sys
 
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
 # `python tools/mi_toy.py` puts tools/ first on sys.path, where tools/pretrain.py would shadow the
-# `pretrain` package: drop that entry (the package is installed / on the path).
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+# `pretrain` package: drop that entry (the package is installed).
+if sys.path and os.path.abspath(sys.path[0] or ".") == _TOOLS:
     sys.path.pop(0)
 
+import pretrain  # noqa: E402, F401  (first: silences the dependencies' import-time warnings)
 import torch  # noqa: E402
 
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
-from pretrain.mi_toy import MIToyConfig  # noqa: E402
-from pretrain.mi_toy import main as run_mi_toy  # noqa: E402
+
+# the experiment code beside this file (tools/experiments/, not installed): tools/ is on the path
+# for this import only, after the `pretrain` package is imported
+_ADDED = _TOOLS not in sys.path
+if _ADDED:
+    sys.path.append(_TOOLS)
+try:
+    from experiments.mi_toy import MIToyConfig
+    from experiments.mi_toy_report import run_and_write
+finally:
+    if _ADDED:
+        sys.path.remove(_TOOLS)
 
 
 @exit_on_user_error
@@ -53,7 +65,7 @@ def main(argv=None) -> None:
         seed=args.seed, lr=args.lr, hidden=args.hidden, embed_dim=args.embed_dim,
         device=args.device, log_every=args.log_every,
     )
-    run_mi_toy(cfg, args.out)
+    run_and_write(cfg, args.out)
 
 
 if __name__ == "__main__":

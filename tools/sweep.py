@@ -22,16 +22,30 @@ import os
 import re
 import sys
 
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
 # `python tools/sweep.py` puts tools/ first on sys.path, where tools/pretrain.py would shadow the
-# `pretrain` package it imports: drop that entry (the package is installed / on the path).
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+# `pretrain` package: drop that entry (the package is installed).
+if sys.path and os.path.abspath(sys.path[0] or ".") == _TOOLS:
     sys.path.pop(0)
 
+import pretrain  # noqa: E402, F401  (first: silences the dependencies' import-time warnings)
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
-from pretrain.sweep import SWEEP_LOSSES, plan_sweep, run_sweep  # noqa: E402
+
+# the experiment code beside this file (tools/experiments/, not installed): tools/ is on the path
+# for this import only, after the `pretrain` package is imported
+_ADDED = _TOOLS not in sys.path
+if _ADDED:
+    sys.path.append(_TOOLS)
+try:
+    from experiments.ksweep_plan import SWEEP_LOSSES, plan_sweep
+    from experiments.ksweep_run import run_sweep
+finally:
+    if _ADDED:
+        sys.path.remove(_TOOLS)
+
 
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
 
@@ -94,6 +108,7 @@ def main(argv=None) -> None:
     if args.num_machines > 1:
         raise UserError("--num-machines: the sweep runs on one machine; use --num-gpus there.")
     setup_logger(name="pretrain")
+    setup_logger(name="experiments")
     plan = plan_sweep(
         args.config_file,
         ks=[int(k) for k in ks],

@@ -1,27 +1,33 @@
-"""The toy mutual-information experiment: building blocks, file formats, the bound's basic facts."""
+"""The toy mutual-information experiment (tools/mi_toy.py, tools/experiments/mi_toy*): building
+blocks, file formats, the bound's basic facts."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 from pretrain.losses import eqco, infonce
-from pretrain.mi_toy import (
-    BatchedCritics,
-    MIToyConfig,
-    _sample,
-    pair_logits,
-    rho_for_mi,
-    run_grid,
-)
-
-torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+# the experiment code beside the tools, imported as tools/mi_toy.py does: tools/ on the path for
+# this import only (tools/pretrain.py would shadow the `pretrain` package)
+_ADDED = TOOLS not in sys.path
+if _ADDED:
+    sys.path.append(TOOLS)
+try:
+    from experiments.mi_toy import BatchedCritics, MIToyConfig, _sample, pair_logits, rho_for_mi
+    from experiments.mi_toy import run_grid
+finally:
+    if _ADDED:
+        sys.path.remove(TOOLS)
+
+torch.set_num_threads(1)
 
 
 def _load_cli():

@@ -1,7 +1,10 @@
-"""pretrain.sweep: the gradient-norm probe equals autograd, bad sweeps fail before running, the
-random-init baseline is planned (or not, --no-baseline) with the cells' linear-eval command and its
-weights are deterministic per seed, and a 2-cell sweep with its baseline writes sweep.csv/md/png and
-skips (or completes) finished cells and baselines on re-run."""
+"""tools/sweep.py with its experiment code (tools/experiments/ksweep_*) and the gradient-norm probe
+it reads (pretrain.grad_norm, TEST.GRAD_NORM): the probe equals autograd and TEST.GRAD_NORM
+registers it, bad sweeps fail before running, a cell runs tools/pretrain.py (TEST.GRAD_NORM True)
+and tools/lincls.py beside tools/sweep.py, the random-init baseline is planned (or not,
+--no-baseline) with the cells' linear-eval command and its weights are deterministic per seed, and a
+2-cell sweep with its baseline writes sweep.csv/md/png and skips (or completes) finished cells and
+baselines on re-run."""
 import csv
 import importlib.util
 import json
@@ -16,18 +19,25 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from pretrain.config import get_pretrain_cfg
+from pretrain.grad_norm import QueryGradNormHook
 from pretrain.io import UserError
 from pretrain.methods import build_method
-from pretrain.sweep import (
-    CSV_COLUMNS,
-    QueryGradNormHook,
-    SweepBaseline,
-    plan_sweep,
-    run_sweep,
-    write_random_init,
-)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+# the experiment code beside the tools, imported as tools/sweep.py does: tools/ on the path for
+# this import only (tools/pretrain.py would shadow the `pretrain` package)
+_ADDED = TOOLS not in sys.path
+if _ADDED:
+    sys.path.append(TOOLS)
+try:
+    from experiments.ksweep_plan import SweepBaseline, plan_sweep
+    from experiments.ksweep_results import CSV_COLUMNS
+    from experiments.ksweep_run import run_sweep, write_random_init
+finally:
+    if _ADDED:
+        sys.path.remove(TOOLS)
+
 LINCLS_CFG = os.path.join(ROOT, "configs", "lincls", "shapes_cpu.yaml")
 SWEEP_CFG = os.path.join(ROOT, "configs", "pretrain", "sweep_shapes_cpu.yaml")
 
@@ -84,6 +94,34 @@ def test_grad_norm_probe_equals_autograd_on_q(loss):
     reference = (q.grad.norm(dim=1) * q.shape[0]).mean().item()
     assert probed == pytest.approx(reference, rel=1e-4)
     assert reference > 0.1
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_grad_norm_key_registers_the_hook(on, shapes, tmp_path, tiny_pretrain_cfg):
+    from pretrain.pretrainer import Pretrainer
+
+    cfg = tiny_pretrain_cfg(shapes, tmp_path / "run", **{"TEST.GRAD_NORM": on})
+    assert get_pretrain_cfg().TEST.GRAD_NORM is False  # off by default
+    trainer = Pretrainer(cfg)
+    probes = [h for h in trainer.trainer._hooks if isinstance(h, QueryGradNormHook)]
+    assert len(probes) == int(on)
+    if on:
+        assert probes[0].model is trainer.model and probes[0].period == cfg.LOG_PERIOD
+
+
+def test_cells_run_the_tools_beside_the_sweep(shapes, tmp_path):
+    plan = plan_sweep(
+        SWEEP_CFG, ks=[4], losses=["eqco"], seeds=[0], out=str(tmp_path / "sweep"),
+        opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG,
+    )  # fmt: skip
+    pre = plan.pretrain_cmds["eqco_k4_s0"]
+    assert pre[:2] == [sys.executable, os.path.join(TOOLS, "pretrain.py")]
+    assert "pretrain.sweep" not in " ".join(pre)
+    opts = dict(zip(pre[pre.index("--resume") + 1 :: 2], pre[pre.index("--resume") + 2 :: 2]))
+    assert opts["TEST.GRAD_NORM"] == "True" and opts["LOSS.NUM_NEGATIVES"] == "4"
+    assert plan.pretrain_cfgs["eqco_k4_s0"].TEST.GRAD_NORM is True
+    for cmd in plan.lincls_cmds.values():
+        assert cmd[:2] == [sys.executable, os.path.join(TOOLS, "lincls.py")]
 
 
 def test_k_that_does_not_fit_the_batch_fails_before_running(shapes, tmp_path):
@@ -168,6 +206,7 @@ def test_baseline_is_planned_per_seed_with_the_cells_linear_eval(shapes, tmp_pat
     spec = importlib.util.spec_from_file_location("sweep_cli", os.path.join(ROOT, "tools/sweep.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    assert TOOLS not in sys.path  # on the path for the import of tools/experiments only
     planned = []
 
     def fake_run_sweep(plan, train=True):

@@ -1,4 +1,6 @@
-"""The EqCo paper's toy mutual-information experiment (METHODS.md section 7).
+"""The EqCo paper's toy mutual-information experiment (its appendix): train InfoNCE and EqCo critics
+on correlated Gaussians for every (true MI, K) and return their MI estimates; the table, plot and
+files are :mod:`mi_toy_report`'s.
 
 x ~ N(0, I_d), y = rho x + sqrt(1 - rho^2) eps with d = 20, so I(x; y) = -(d/2) log(1 - rho^2).
 Two critics g(x), h(y) (one hidden layer of 256 units + ReLU each) score a pair by the dot product
@@ -8,7 +10,7 @@ EqCo (tau = 1: the critic's scale is learned), the critics are frozen and the bo
 over fresh batches:
 
 * InfoNCE: I >= log(K + 1) - L_InfoNCE, which can never exceed log(K + 1);
-* EqCo:    log(alpha) - L_EqCo, which should stay roughly flat in K.
+* EqCo:    log(alpha) - L_EqCo, which should stay roughly flat in K (docs/methods.md, "Losses").
 
 Speed: for one K, all (true MI, loss) critic pairs of the grid are trained together as one batch
 of independent models (stacked weights, batched matmuls, one Adam), so the per-step Python
@@ -21,12 +23,10 @@ are in the grid.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
@@ -35,19 +35,16 @@ from pretrain.io import UserError
 from pretrain.losses import eqco, infonce
 
 __all__ = [
+    "LOSS_NAMES",
     "MIToyConfig",
     "rho_for_mi",
     "BatchedCritics",
     "pair_logits",
     "run_for_k",
     "run_grid",
-    "format_table",
-    "plot_estimates",
-    "main",
 ]
 
 LOSS_NAMES = ("infonce", "eqco")
-_LABELS = {"infonce": "InfoNCE", "eqco": "EqCo"}
 
 
 @dataclass
@@ -226,84 +223,3 @@ def run_grid(cfg: MIToyConfig, log: Callable[[str], None] = print) -> List[dict]
         records.extend(run_for_k(cfg, k, log))
     order = {name: i for i, name in enumerate(LOSS_NAMES)}
     return sorted(records, key=lambda r: (r["mi"], r["k"], order[r["loss"]]))
-
-
-def format_table(records: Sequence[dict], cfg: MIToyConfig) -> str:
-    """Markdown: one row per true MI, one column per (loss, K)."""
-    mis = sorted({r["mi"] for r in records})
-    ks = sorted({r["k"] for r in records})
-    value = {(r["mi"], r["k"], r["loss"]): r["estimate"] for r in records}
-    cols = [(loss, k) for loss in LOSS_NAMES for k in ks]
-    lines = [
-        "| true MI (nats) | " + " | ".join(f"{_LABELS[loss]} K={k}" for loss, k in cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    for mi in mis:
-        cells = " | ".join(f"{value[(mi, k, loss)]:.2f}" for loss, k in cols)
-        lines.append(f"| {mi:g} | {cells} |")
-    # both losses are >= 0, so neither estimate can exceed its constant
-    ceilings = " | ".join(
-        f"*{math.log(k + 1 if loss == 'infonce' else cfg.alpha):.2f}*" for loss, k in cols
-    )
-    lines.append(f"| *ceiling* | {ceilings} |")
-    return (
-        "\n".join(lines)
-        + "\n\nInfoNCE estimate = log(K+1) - L_InfoNCE (ceiling log(K+1)); EqCo estimate = "
-        f"log(alpha) - L_EqCo with alpha = {cfg.alpha:g} (ceiling log(alpha)). Critics trained "
-        f"{cfg.steps} steps (Adam lr {cfg.lr:g}), bound averaged over {cfg.eval_batches} fresh "
-        f"batches, seed {cfg.seed}.\n"
-    )
-
-
-def plot_estimates(records: Sequence[dict], cfg: MIToyConfig, path: str) -> None:
-    """Estimate vs K, one line per true MI; InfoNCE and EqCo side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    mis = sorted({r["mi"] for r in records})
-    ks = sorted({r["k"] for r in records})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, loss in zip(axes, LOSS_NAMES):
-        for i, mi in enumerate(mis):
-            est = [next(r["estimate"] for r in records if (r["mi"], r["k"], r["loss"]) ==
-                        (mi, k, loss)) for k in ks]
-            color = colors[i % len(colors)]
-            ax.plot(ks, est, "o-", color=color, label=f"true MI {mi:g}")
-            ax.axhline(mi, color=color, linestyle="--", linewidth=0.8)
-        if loss == "infonce":
-            ax.plot(ks, [math.log(k + 1) for k in ks], "k:", label="log(K+1)")
-        else:
-            ax.axhline(math.log(cfg.alpha), color="k", linestyle=":", label="log(alpha)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("K (negatives per query)")
-        ax.set_title(_LABELS[loss] if loss == "infonce" else f"EqCo (alpha={cfg.alpha:g})")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("MI estimate (nats)")
-    for ax in axes:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(cfg: MIToyConfig, out_dir: str, log: Callable[[str], None] = print) -> List[dict]:
-    """Run the grid; write ``mi_toy.json``, ``mi_toy.md`` and ``mi_toy.png`` under ``out_dir``."""
-    cfg.validate()
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out_dir}: cannot create the directory ({e.strerror}).") from e
-    start = time.perf_counter()
-    records = run_grid(cfg, log)
-    with open(os.path.join(out_dir, "mi_toy.json"), "w") as f:
-        json.dump(records, f, indent=1)
-    with open(os.path.join(out_dir, "mi_toy.md"), "w") as f:
-        f.write(format_table(records, cfg))
-    plot_estimates(records, cfg, os.path.join(out_dir, "mi_toy.png"))
-    log(f"[mi_toy] wrote {out_dir}/mi_toy.{{json,md,png}} in {time.perf_counter() - start:.1f}s "
-        f"({torch.get_num_threads()} threads)")
-    return records
