@@ -13,8 +13,8 @@ between logits that carry the signal. All log-sum-exps are the stable ``torch.lo
 
 The helpers at the bottom build ``(pos, neg)`` from embeddings for the three layouts the methods
 use: negatives shared by all queries (``[K, d]``, e.g. a queue), per-query negatives (``[N, K, d]``)
-and "other keys of the same batch" (SiMo, EqCo paper section 3), where K negatives are sampled without
-replacement and never include the query's own key.
+and "other keys of the same batch" (SiMo, EqCo paper section 3), where K negatives are sampled
+without replacement and never include the query's own key.
 """
 from __future__ import annotations
 

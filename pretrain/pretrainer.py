@@ -217,8 +217,9 @@ class Pretrainer(TrainingRun):
             num_workers=min(cfg.DATALOADER.NUM_WORKERS, 4),
         )
 
-    def meta(self) -> Dict[str, Any]:
-        """The checkpoint's ``meta`` dict (docs/formats.md)."""
+    def describe(self) -> Dict[str, Any]:
+        """What this run is, shared by the checkpoint's ``meta`` and ``results.json``
+        (docs/formats.md)."""
         cfg = self.cfg
         return {
             "kind": "pretrain",
@@ -230,10 +231,13 @@ class Pretrainer(TrainingRun):
             "alpha": float(cfg.LOSS.ALPHA) if cfg.LOSS.NAME == "eqco" else None,
             "num_negatives": num_negatives_per_query(cfg),
             "epochs": float(self.loader.epochs_done()),
-            # iterations completed (the checkpoint's top-level "iteration" is the last index)
-            "iteration": int(self.trainer.iter) + 1,
             "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
         }
+
+    def meta(self) -> Dict[str, Any]:
+        """The checkpoint's ``meta`` dict: :meth:`describe` and the iterations completed (the
+        checkpoint's top-level "iteration" is the last index)."""
+        return {**self.describe(), "iteration": int(self.trainer.iter) + 1}
 
     def train(self) -> Dict[str, Any]:
         """Run to ``max_iter``; returns (and writes on the main process) ``results.json``.
@@ -253,20 +257,10 @@ class Pretrainer(TrainingRun):
         bad = count_bad_files(self.dataset)
         if bad:
             logger.warning("%d unreadable training images were skipped (listed above).", bad)
-        cfg = self.cfg
         results = {
-            "kind": "pretrain",
-            "name": self.name,
-            "method": cfg.MODEL.METHOD,
-            "loss": cfg.LOSS.NAME,
-            "tau": float(cfg.LOSS.TAU),
-            "alpha": float(cfg.LOSS.ALPHA) if cfg.LOSS.NAME == "eqco" else None,
-            "num_negatives": num_negatives_per_query(cfg),
-            "epochs": float(self.loader.epochs_done()),
+            **self.describe(),
             "iterations": int(self.max_iter),
             "final_loss": final_loss,
-            "arch": cfg.MODEL.ARCH,
-            "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
             "skipped_images": bad,
             "knn_top1": getattr(self, "last_knn_top1", None),
             "instance_retrieval_top1": getattr(self, "last_instance_retrieval_top1", None),
