@@ -112,6 +112,10 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # SyncBN: batch statistics over the global batch (nn.SyncBatchNorm on GPUs, detectron2's
     # NaiveSyncBatchNorm on CPU/gloo, plain BN in a single process). BN: per-process statistics.
     cfg.MODEL.NORM = "SyncBN"
+    # SyncBN within groups of this many consecutive processes (ranks [0, G), [G, 2G), ...; the
+    # paper: 8 GPUs x 32 images); the number of processes must be a multiple of it. 0 = over all
+    # processes, 1 = per-process statistics
+    cfg.MODEL.SYNC_BN_GROUP_SIZE = 0
     # MoCo's shuffling BN for the key encoder (only meaningful with NORM BN and > 1 process)
     cfg.MODEL.SHUFFLE_BN = False
     # zero-init the last BN gamma of every residual branch (each block starts as identity; the
@@ -324,6 +328,10 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
     _need(m.METHOD in METHODS, f"MODEL.METHOD {m.METHOD!r} is unknown; choose one of {METHODS}.")
     _need(m.ARCH in ARCHS, f"MODEL.ARCH {m.ARCH!r} is unknown; choose one of {ARCHS}.")
     _need(m.NORM in NORMS, f"MODEL.NORM {m.NORM!r} is unknown; choose one of {NORMS}.")
+    _need(
+        m.SYNC_BN_GROUP_SIZE >= 0,
+        f"MODEL.SYNC_BN_GROUP_SIZE must be >= 0 (0 = all processes), got {m.SYNC_BN_GROUP_SIZE}.",
+    )
     _need(m.DIM > 0 and m.MLP_HIDDEN > 0, "MODEL.DIM and MODEL.MLP_HIDDEN must be positive.")
     _need(m.HEAD_INIT_STD >= 0, "MODEL.HEAD_INIT_STD must be >= 0 (0 = PyTorch's default).")
     _need(0.0 <= m.MOMENTUM < 1.0, f"MODEL.MOMENTUM must be in [0, 1), got {m.MOMENTUM}.")

@@ -31,7 +31,7 @@ from torch import nn
 
 from pretrain.health import contrastive_top1, embedding_stats
 from pretrain.losses import get_loss, pairwise_logits, sample_batch_negatives
-from pretrain.models import build_encoder, convert_to_sync_bn
+from pretrain.models import build_encoder, convert_to_sync_bn, sync_bn_process_group
 
 __all__ = [
     "METHOD_REGISTRY",
@@ -439,13 +439,12 @@ def build_loss_fn(cfg) -> Callable[..., torch.Tensor]:
 
 def build_method(cfg, device: torch.device) -> ContrastiveMethod:
     """The method of ``cfg.MODEL.METHOD`` on ``device``, with SyncBN when ``MODEL.NORM SyncBN`` and
-    more than one process. Initialisation depends only on the current torch seed."""
+    more than one process, synchronised within groups of ``MODEL.SYNC_BN_GROUP_SIZE`` processes
+    (0: all). Initialisation depends only on the current torch seed."""
     m = cfg.MODEL
     encoder = build_encoder(
         m.ARCH, m.DIM, m.MLP_HIDDEN, m.MLP_BN, m.ZERO_INIT_RESIDUAL, m.HEAD_INIT_STD
     )
-    if m.NORM == "SyncBN" and comm.get_world_size() > 1:
-        encoder = convert_to_sync_bn(encoder, device.type)
     # the negatives generator must be seeded identically on every process
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     common = dict(
@@ -453,6 +452,11 @@ def build_method(cfg, device: torch.device) -> ContrastiveMethod:
     )
     cls = method_class(m.METHOD)
     model = cls(encoder, **common, **cls.from_config(cfg))
+    if m.NORM == "SyncBN" and comm.get_world_size() > 1 and m.SYNC_BN_GROUP_SIZE != 1:
+        # after the method's deepcopy of the encoder (key encoder): a process group cannot be
+        # copied; every process creates every group (sync_bn_process_group)
+        group = sync_bn_process_group(m.SYNC_BN_GROUP_SIZE)
+        model = convert_to_sync_bn(model, device.type, group)
     model = model.to(device)
     if device.type != "cpu":
         # draw negatives / shuffles where the keys are (no host round trip); same seed
