@@ -20,7 +20,6 @@ from pretrain.losses import LOSSES
 
 __all__ = [
     "PretrainCfgNode",
-    "METHODS",
     "ARCHS",
     "add_pretrain_config",
     "add_run_config",
@@ -33,7 +32,6 @@ __all__ = [
     "REFERENCE_BATCH",
 ]
 
-METHODS = ("simo", "mocov2", "simclr", "simmoco", "simco")
 ARCHS = (
     "resnet18",
     "resnet34",
@@ -96,7 +94,7 @@ def _ints_to_floats(defaults: dict, other: dict) -> None:
 def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     """Add every pretraining key with its default (the SiMo R50 200-epoch recipe)."""
     cfg.MODEL = PretrainCfgNode()
-    # simo | mocov2 | simclr | simmoco | simco (see pretrain/methods.py)
+    # simo | mocov2 | simclr | simmoco | simco: a class of pretrain.methods.METHOD_REGISTRY
     cfg.MODEL.METHOD = "simo"
     # torchvision ResNet: resnet18/34/50/101/152, wide_resnet50_2, wide_resnet101_2
     cfg.MODEL.ARCH = "resnet50"
@@ -325,7 +323,10 @@ def _need(cond: bool, message: str) -> None:
 def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     """Reject values that cannot work, each with one sentence naming the key."""
     m, loss, solver = cfg.MODEL, cfg.LOSS, cfg.SOLVER
-    _need(m.METHOD in METHODS, f"MODEL.METHOD {m.METHOD!r} is unknown; choose one of {METHODS}.")
+    from pretrain.methods import method_names  # the registry is the one list of methods
+
+    methods = method_names()
+    _need(m.METHOD in methods, f"MODEL.METHOD {m.METHOD!r} is unknown; choose one of {methods}.")
     _need(m.ARCH in ARCHS, f"MODEL.ARCH {m.ARCH!r} is unknown; choose one of {ARCHS}.")
     _need(m.NORM in NORMS, f"MODEL.NORM {m.NORM!r} is unknown; choose one of {NORMS}.")
     _need(
