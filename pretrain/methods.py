@@ -208,13 +208,24 @@ class ContrastiveMethod(nn.Module):
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         """``batch`` = ``((im_q, im_k), labels)`` from the loader (labels unused); the images go
-        to this module's device (NHWC if :attr:`channels_last`) and into :meth:`losses`."""
+        to this module's device (NHWC if :attr:`channels_last`) and into :meth:`losses`.
+
+        uint8 views (the pretraining loader's, :class:`pretrain.data.TwoCropsTransform`) are
+        copied as uint8 (4x fewer bytes) and normalised here, in float32, with ImageNet's mean /
+        std (:func:`pretrain.data.normalize_uint8`: the float pipeline's ops, so its numbers; bit
+        for bit on CPU, tested); float views are taken as already normalised."""
+        from pretrain.data import normalize_uint8  # the loader side of the uint8 convention
+
         (im_q, im_k), _labels = batch
         device = next(self.encoder_q.parameters()).device
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        return self.losses(im_q, im_k)
+        views = []
+        for im in (im_q, im_k):
+            im = im.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            if im.dtype == torch.uint8:
+                im = normalize_uint8(im)  # keeps the memory format
+            views.append(im)
+        return self.losses(*views)
 
     def losses(self, im_q: torch.Tensor, im_k: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{"loss": ...}`` of the two views (already on the device)."""
