@@ -6,6 +6,11 @@ shape).
     python tools/train_det.py --config-file configs/shapes_fpn_cpu.yaml --num-gpus 1 \
         MODEL.WEIGHTS w.pkl
     python tools/train_det.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    torchrun --nproc_per_node 8 tools/train_det.py --config configs/fpn_simo_1x.yaml ...
+
+Processes are started as for pretraining (pretrain.engine.launch_from_args: detectron2's ``launch``,
+or the torchrun environment); without GPUs ``--num-gpus N`` runs N gloo processes on the CPU, with
+SyncBN as detectron2's NaiveSyncBatchNorm.
 """
 import os
 import sys
@@ -17,8 +22,6 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 
 import logging  # noqa: E402
 
-import torch  # noqa: E402
-
 from transfer.config import load_config, resolve_device_and_norm  # noqa: E402  (first: quiets d2)
 from transfer.datasets import check_datasets, register_datasets  # noqa: E402
 from transfer.trainer import (  # noqa: E402
@@ -27,12 +30,17 @@ from transfer.trainer import (  # noqa: E402
     check_weights,
     write_results,
 )
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from pretrain.engine import setup_run  # noqa: E402
-from pretrain.io import UserError, exit_on_user_error  # noqa: E402
+from pretrain.engine import (  # noqa: E402
+    check_shared_output_dir,
+    finish_distributed,
+    launch_from_args,
+    setup_run,
+)
+from pretrain.io import exit_on_user_error  # noqa: E402
 
 
 def setup(args):
@@ -42,6 +50,8 @@ def setup(args):
     check_datasets(cfg)
     cfg.freeze()
     setup_run(cfg, args)  # detectron2's default_setup, environment dump in log.txt only
+    # before any work: every process must see the checkpoints process 0 writes there
+    check_shared_output_dir(cfg.OUTPUT_DIR)
     return cfg
 
 
@@ -52,11 +62,14 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, unsafe=args.unsafe)
-        if not (args.resume and checkpointer.has_checkpoint()):
+        # with --resume, the last checkpoint of OUTPUT_DIR as the main process sees it
+        last = checkpointer.last_checkpoint_of_main_process() if args.resume else None
+        if last is None:
             provenance = check_weights(cfg, model, args.unsafe)
+            checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
         else:
             provenance = {"name": os.path.basename(cfg.OUTPUT_DIR.rstrip("/"))}
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            checkpointer.load(last)
         results = Trainer.test(cfg, model)
         write_results(cfg, results, provenance, iteration=-1)
         if comm.is_main_process():
@@ -74,6 +87,12 @@ def main(args):
     return results
 
 
+def run(args):
+    """One process of the job: :func:`main`, then wait for the others and leave the group."""
+    main(args)
+    finish_distributed()
+
+
 @exit_on_user_error
 def cli(argv=None):
     parser = default_argument_parser()
@@ -86,19 +105,8 @@ def cli(argv=None):
         help="allow MODEL.WEIGHTS files that need code execution to load",
     )
     args = parser.parse_args(argv)
-    if args.num_gpus * args.num_machines > 1 and not torch.cuda.is_available():
-        raise UserError(
-            f"--num-gpus {args.num_gpus}: no GPU here; on CPU run detection with --num-gpus 1."
-        )
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(run, args, args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 
 from pretrain.config import merge_config
-from pretrain.io import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +39,42 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
     )
 
 
+def _sync_bn_keys(node: CfgNode, prefix: str = "") -> list[str]:
+    """The ``*NORM`` keys of ``node`` (recursively) set to ``SyncBN``."""
+    keys = []
+    for name, value in node.items():
+        if isinstance(value, CfgNode):
+            keys += _sync_bn_keys(value, f"{prefix}{name}.")
+        elif name.endswith("NORM") and value == "SyncBN":
+            keys.append(prefix + name)
+    return keys
+
+
 def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
     """Make a GPU config run anywhere, saying what changed.
 
     * ``MODEL.DEVICE cuda`` without CUDA -> ``cpu``.
     * ``SyncBN`` (``nn.SyncBatchNorm``) on a single process is plain BatchNorm over the local batch.
-    * Several processes need GPUs: detectron2 wraps the model in DistributedDataParallel with
-      ``device_ids``, which refuses CPU modules (and ``nn.SyncBatchNorm`` needs CUDA tensors).
+    * ``SyncBN`` on several CPU processes -> ``naiveSyncBN`` (detectron2's ``NaiveSyncBatchNorm``:
+      the same batch statistics over all processes, by an all-reduce that gloo runs on CPU;
+      ``nn.SyncBatchNorm`` only accepts GPU tensors). The module has the same parameters and
+      buffers, so checkpoints load under either.
     """
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: MODEL.DEVICE cuda -> cpu")
         cfg.MODEL.DEVICE = "cpu"
-    if world_size > 1 and cfg.MODEL.DEVICE == "cpu":
-        raise UserError(
-            "detection training with several processes needs GPUs; on CPU use --num-gpus 1."
+    keys = _sync_bn_keys(cfg.MODEL, "MODEL.")
+    if world_size > 1 and cfg.MODEL.DEVICE == "cpu" and keys:
+        for key in keys:
+            *parents, leaf = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node[part]
+            node[leaf] = "naiveSyncBN"
+        logger.info(
+            "%d CPU processes: SyncBN -> naiveSyncBN (NaiveSyncBatchNorm) in %s",
+            world_size,
+            ", ".join(keys),
         )
-    norms = (cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM)
-    if world_size == 1 and "SyncBN" in norms:
+    if world_size == 1 and keys:
         logger.info("SyncBN on a single process: behaves as BatchNorm over the local batch")

@@ -13,9 +13,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from pretrain.engine import AtomicCheckpointer
 from pretrain.engine import write_results as write_results_json
@@ -200,10 +202,49 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation, safe/atomic checkpoints; everything else is
-    detectron2's."""
+    """DefaultTrainer with COCO evaluation, safe/atomic checkpoints, several CPU processes and a
+    resume decided by the main process; everything else is detectron2's."""
 
     unsafe_weights = False  # set from the CLI's --unsafe
+
+    def __init__(self, cfg: CfgNode) -> None:
+        """``DefaultTrainer.__init__`` (same steps, same order) with two differences: on CPU the
+        model is wrapped in DistributedDataParallel with ``device_ids=None`` (detectron2 passes
+        ``[local_rank]``, which DDP refuses for CPU modules), and the checkpointer is
+        :class:`SafeDetectionCheckpointer`, so the PeriodicCheckpointer hook uses it too."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_kwargs: dict[str, Any] = {"broadcast_buffers": False}
+        if cfg.MODEL.DEVICE == "cpu":
+            ddp_kwargs["device_ids"] = None
+        model = create_ddp_model(model, **ddp_kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), unsafe=self.unsafe_weights
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """``DefaultTrainer.resume_or_load``, except that the main process decides whether and from
+        which checkpoint to resume, every process loads that one and they agree on its iteration
+        (:meth:`AtomicCheckpointer.resume_last`); else ``MODEL.WEIGHTS`` (weights only)."""
+        found = self.checkpointer.resume_last() if resume else None
+        if found is None:
+            self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
+        else:
+            # the checkpoint stores the iteration that just finished
+            self.start_iter = int(found[1]["iteration"]) + 1
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> COCOEvaluator:
@@ -212,17 +253,6 @@ class Trainer(DefaultTrainer):
             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"),
             use_fast_impl=cfg.TEST.COCO_FAST_EVAL and fast_coco_eval_available(),
         )
-
-    def build_hooks(self) -> list:
-        # DefaultTrainer.__init__ creates a plain DetectionCheckpointer just before it builds the
-        # hooks; swap in the atomic/safe one here so the PeriodicCheckpointer hook uses it too.
-        self.checkpointer = SafeDetectionCheckpointer(
-            self._trainer.model,
-            self.cfg.OUTPUT_DIR,
-            trainer=weakref.proxy(self),
-            unsafe=self.unsafe_weights,
-        )
-        return super().build_hooks()
 
 
 def fast_coco_eval_available() -> bool:

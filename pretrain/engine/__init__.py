@@ -1,8 +1,10 @@
 """The training engine shared by every stage, built from detectron2's trainer, hooks and writers
 (see docs/ARCHITECTURE.md):
 
-* :mod:`.launch` -- detectron2 ``launch`` or torchrun, device, OUTPUT_DIR / log.txt / config.yaml;
-* :mod:`.checkpoint` -- atomic fvcore ``Checkpointer`` and the RNG states of every process;
+* :mod:`.launch` -- detectron2 ``launch`` or torchrun, device, OUTPUT_DIR / log.txt / config.yaml,
+  the check that every process sees the same OUTPUT_DIR;
+* :mod:`.checkpoint` -- atomic fvcore ``Checkpointer`` (resume decided by process 0) and the RNG
+  states of every process;
 * :mod:`.hooks` -- stop on NaN/inf, progress with ETA, the writers;
 * :mod:`.schedule` -- warm-up + cosine learning rate;
 * :mod:`.train_loop` -- ``SimpleTrainer`` / ``AMPTrainer`` and :class:`TrainingRun`, the base of
@@ -11,7 +13,13 @@
 
 from pretrain.engine.checkpoint import AtomicCheckpointer, RNGStates
 from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
-from pretrain.engine.launch import finish_distributed, get_device, launch_from_args, setup_run
+from pretrain.engine.launch import (
+    check_shared_output_dir,
+    finish_distributed,
+    get_device,
+    launch_from_args,
+    setup_run,
+)
 from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
 from pretrain.engine.train_loop import TrainingRun, build_trainer, write_results
 
@@ -20,6 +28,7 @@ __all__ = [
     "finish_distributed",
     "get_device",
     "setup_run",
+    "check_shared_output_dir",
     "AtomicCheckpointer",
     "RNGStates",
     "NonFiniteLossError",

@@ -1,19 +1,25 @@
-"""Checkpointing: fvcore's ``Checkpointer`` with atomic writes and ``weights_only`` loads, and the
-checkpointable RNG states of every process (exact resume)."""
+"""Checkpointing: fvcore's ``Checkpointer`` with atomic writes, ``weights_only`` loads and a resume
+decided by process 0, and the checkpointable RNG states of every process (exact resume)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.utils import comm
 from fvcore.common.checkpoint import Checkpointer
 
-from pretrain.io import atomic_save, atomic_write_text, load_checkpoint, remove_stale_temp_files
+from pretrain.io import (
+    UserError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+)
 
 __all__ = ["AtomicCheckpointer", "RNGStates"]
 
@@ -72,6 +78,42 @@ class AtomicCheckpointer(Checkpointer):
         if resume:
             self.remove_stale_temp_files()
         return super().resume_or_load(path, resume=resume)
+
+    def last_checkpoint_of_main_process(self) -> Optional[str]:
+        """The checkpoint that ``last_checkpoint`` names in the main process's ``save_dir``, or
+        None; collective (call it on every process).
+
+        The main process first removes the temp files of interrupted saves, then decides; its
+        answer (the file name) is broadcast and joined with this process's ``save_dir``, which is
+        the same folder (:func:`pretrain.engine.check_shared_output_dir`). No process looks for a
+        checkpoint on its own: on a disk of its own it would find another one, or none.
+        """
+        name = None
+        if comm.is_main_process():
+            self.remove_stale_temp_files()
+            if self.has_checkpoint():
+                name = os.path.basename(self.get_checkpoint_file())
+        if comm.get_world_size() > 1:
+            name = comm.all_gather(name)[0]
+        return None if name is None else os.path.join(self.save_dir, name)
+
+    def resume_last(self) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Resume from :meth:`last_checkpoint_of_main_process` on every process (collective):
+        restore the model and every checkpointable; return ``(path, extra)`` (``extra`` holds
+        ``iteration``, the same on every process), or None when there is no checkpoint."""
+        path = self.last_checkpoint_of_main_process()
+        if path is None:
+            return None
+        extra = self.load(path)
+        iteration = int(extra["iteration"])
+        if comm.get_world_size() > 1:
+            seen = comm.all_gather(iteration)
+            if len(set(seen)) > 1:
+                raise UserError(
+                    f"{path}: the processes read different iterations from it ({seen}); is the "
+                    "checkpoint being rewritten by another job?"
+                )
+        return path, extra
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         # written after the checkpoint it names and replaced atomically, so it never points to a

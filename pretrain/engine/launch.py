@@ -1,12 +1,17 @@
 """Starting the processes of a job and setting each one up: detectron2's ``launch`` or torchrun,
-device choice, OUTPUT_DIR with log.txt / config.yaml, per-rank seeding."""
+device choice, OUTPUT_DIR with log.txt / config.yaml, per-rank seeding, and the check that every
+process sees the same OUTPUT_DIR."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
-from typing import Any, Callable
+import time
+import uuid
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +20,15 @@ from detectron2.engine.defaults import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["launch_from_args", "finish_distributed", "get_device", "setup_run"]
+from pretrain.io import UserError
+
+__all__ = [
+    "launch_from_args",
+    "finish_distributed",
+    "get_device",
+    "setup_run",
+    "check_shared_output_dir",
+]
 
 
 def launch_from_args(main: Callable[..., Any], args: Any, *main_args: Any) -> None:
@@ -56,9 +69,11 @@ def _run_worker(main: Callable[..., Any], *main_args: Any) -> None:
     after tearing gloo/NCCL down and flushing its output: the normal interpreter exit runs the C++
     static destructors of the process-group backend, which now and then abort a finished worker
     ("terminate called without an active exception", SIGABRT) and fail a completed run."""
+    # decided before ``main``, which may already have torn the process group down itself
+    spawned = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     main(*main_args)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        finish_distributed()
+    if spawned:
+        finish_distributed()  # nothing left to do if main already did it
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -109,3 +124,59 @@ def setup_run(cfg: Any, args: Any) -> None:
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pretrain", abbrev_name="pt"
     )
+
+
+def _sees(path: str, token: str, wait_s: float) -> bool:
+    """True once ``path`` holds ``token``, polling for up to ``wait_s`` seconds (a network file
+    system may show a new file to other machines a moment later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                if f.read() == token:
+                    return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def check_shared_output_dir(output_dir: str, *, wait_s: float = 2.0) -> None:
+    """Make sure every process of the job sees the OUTPUT_DIR of process 0 (collective; nothing
+    to do on a single process).
+
+    Checkpoints are written by process 0 only and ``--resume`` is decided by process 0, so a job
+    whose machines each have their own OUTPUT_DIR (node-local disks) would train on from different
+    states, or wait forever in mismatched collectives. Process 0 writes a file with a random name
+    and content into ``output_dir``; after a collective every process looks for it (for up to
+    ``wait_s`` seconds); the answers are all-gathered, so that every process raises the same
+    one-sentence :class:`UserError` instead of one of them hanging.
+    """
+    if comm.get_world_size() == 1:
+        return
+    token: Optional[str] = None
+    error: Optional[str] = None
+    if comm.is_main_process():
+        token = f".shared_output_dir_{uuid.uuid4().hex}"
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, token), "w") as f:
+                f.write(token)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e.strerror or e}"
+    # every process waits here until process 0 has written (or failed to write) the file
+    main_dir, token, error = comm.all_gather((output_dir, token, error))[0]
+    seen = error is None and _sees(os.path.join(output_dir, token), token, wait_s)
+    views = comm.all_gather((seen, socket.gethostname()))
+    if comm.is_main_process() and error is None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(output_dir, token))
+    if error is not None:
+        raise UserError(f"cannot write to OUTPUT_DIR {main_dir} ({error}); check the path.")
+    blind = [f"{rank} (on {host})" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UserError(
+            f"OUTPUT_DIR {main_dir} is not shared by all processes: process(es) "
+            f"{', '.join(blind)} do not see the file that process 0 (on {views[0][1]}) wrote "
+            "there; put OUTPUT_DIR on a file system that every machine mounts at the same path "
+            "(checkpoints and --resume need it)."
+        )

@@ -14,7 +14,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
 
 from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
-from pretrain.engine.launch import get_device
+from pretrain.engine.launch import check_shared_output_dir, get_device
 from pretrain.io import UserError, atomic_write_text
 
 __all__ = ["build_trainer", "TrainingRun", "write_results"]
@@ -72,6 +72,8 @@ class TrainingRun:
         self.max_iter = 0
         if comm.is_main_process():
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        # before any work: every process must see the checkpoints process 0 writes
+        check_shared_output_dir(cfg.OUTPUT_DIR)
 
     # ------------------------------------------------------------------ set-up (subclass calls)
     def build_trainer(
@@ -98,8 +100,15 @@ class TrainingRun:
 
     def loop_hooks(self, scheduler: Any, checkpoint_period: int) -> List[hooks.HookBase]:
         """Timer, lr schedule, NaN/inf stop, progress and periodic checkpoints: the hooks every
-        stage starts with (:attr:`checkpointer` must exist)."""
+        stage starts with (:attr:`checkpointer` must exist).
+
+        The checkpointer hook runs on every process (collecting the state is collective, see
+        :class:`RNGStates`); only the main process writes, and only it deletes the checkpoints
+        beyond SOLVER.MAX_TO_KEEP: on the other processes fvcore would delete the same files of
+        the shared OUTPUT_DIR again, racing with the main process."""
         max_keep = self.cfg.SOLVER.MAX_TO_KEEP if self.cfg.SOLVER.MAX_TO_KEEP > 0 else None
+        if not comm.is_main_process():
+            max_keep = None
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(self.optimizer, scheduler),
@@ -130,13 +139,14 @@ class TrainingRun:
     # ------------------------------------------------------------------ running
     def resume_or_load(self, resume: bool = True) -> "TrainingRun":
         """With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, restore everything the
-        checkpointer holds and continue after its iteration; else start at 0."""
-        if resume:
-            self.checkpointer.remove_stale_temp_files()
-        if resume and self.checkpointer.has_checkpoint():
-            extra = self.checkpointer.resume_or_load("", resume=True)
+        checkpointer holds and continue after its iteration; else start at 0. Collective: the
+        main process decides which checkpoint (if any), every process loads that one and they
+        agree on its iteration (:meth:`AtomicCheckpointer.resume_last`)."""
+        found = self.checkpointer.resume_last() if resume else None
+        if found is not None:
+            path, extra = found
             self.start_iter = int(extra["iteration"]) + 1
-            self.after_resume(self.checkpointer.get_checkpoint_file())
+            self.after_resume(path)
             logger.info(
                 "Resumed at iteration %d (epoch %.3f)", self.start_iter, self.loader.epochs_done()
             )

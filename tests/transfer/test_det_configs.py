@@ -110,14 +110,56 @@ def test_overrides_and_bad_keys():
 
 
 def test_device_and_syncbn_resolution():
-    from pretrain.io import UserError
-
     path = os.path.join(ROOT, "configs", "fpn_simo_1x.yaml")
     one = load_config(path, [])
     resolve_device_and_norm(one, world_size=1)
     assert one.MODEL.RESNETS.NORM == "SyncBN"  # nn.SyncBatchNorm is plain BN on one process
     if not torch.cuda.is_available():
         assert one.MODEL.DEVICE == "cpu"
-    two = load_config(path, ["MODEL.DEVICE", "cpu"])
-    with pytest.raises(UserError, match="needs GPUs"):
-        resolve_device_and_norm(two, world_size=2)
+    # several CPU processes: nn.SyncBatchNorm refuses CPU tensors, detectron2's
+    # NaiveSyncBatchNorm all-reduces the statistics with gloo
+    two = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.ROI_MASK_HEAD.NORM", "SyncBN"])
+    resolve_device_and_norm(two, world_size=2)
+    m = two.MODEL
+    assert m.RESNETS.NORM == m.FPN.NORM == m.ROI_BOX_HEAD.NORM == "naiveSyncBN"
+    assert m.ROI_MASK_HEAD.NORM == "naiveSyncBN"
+    assert m.SEM_SEG_HEAD.NORM == "GN" and m.RETINANET.NORM == ""  # only SyncBN changes
+
+
+@pytest.mark.parametrize("path", FPN_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("gpus", [16, 32, 64])
+def test_1x_configs_scale_to_more_gpus(path, gpus):
+    """The 1x configs are written for 8 GPUs (SOLVER.REFERENCE_WORLD_SIZE); detectron2's own
+    auto-scaling (DefaultTrainer.__init__ calls it) keeps 2 images per GPU on 16, 32 and 64 GPUs
+    and scales the rest linearly, so the schedule stays 12 epochs at the same lr per image."""
+    from detectron2.engine import DefaultTrainer
+
+    cfg = load_config(path, [])
+    s = cfg.SOLVER
+    assert s.REFERENCE_WORLD_SIZE == 8 and s.IMS_PER_BATCH == 16
+    k = gpus // 8
+    scaled = DefaultTrainer.auto_scale_workers(cfg, gpus)
+    t = scaled.SOLVER
+    assert t.IMS_PER_BATCH == 16 * k and t.IMS_PER_BATCH // gpus == 2
+    assert t.IMS_PER_BATCH % gpus == 0  # what detectron2's batch data loader asserts
+    assert t.BASE_LR == pytest.approx(s.BASE_LR * k)
+    assert (t.MAX_ITER, t.WARMUP_ITERS) == (s.MAX_ITER // k, s.WARMUP_ITERS // k)
+    assert tuple(t.STEPS) == tuple(step // k for step in s.STEPS)
+    assert t.CHECKPOINT_PERIOD == s.CHECKPOINT_PERIOD // k
+    assert scaled.TEST.EVAL_PERIOD == cfg.TEST.EVAL_PERIOD // k
+    # all exact: the same images seen, the same lr per image, the same epochs of the decays
+    assert t.MAX_ITER * t.IMS_PER_BATCH == s.MAX_ITER * s.IMS_PER_BATCH
+    for step, ref in zip(t.STEPS, s.STEPS):
+        assert step * k == ref
+    assert t.BASE_LR / t.IMS_PER_BATCH == pytest.approx(s.BASE_LR / s.IMS_PER_BATCH)
+    assert t.REFERENCE_WORLD_SIZE == gpus
+    assert DefaultTrainer.auto_scale_workers(cfg, 8) is cfg  # the reference count: unchanged
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_shapes_config_is_not_auto_scaled(processes):
+    from detectron2.engine import DefaultTrainer
+
+    cfg = load_config(os.path.join(ROOT, "configs", "shapes_fpn_cpu.yaml"), [])
+    assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0
+    assert DefaultTrainer.auto_scale_workers(cfg, processes) is cfg
