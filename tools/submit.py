@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv):
     """(submit options, --slurm-* pairs, tool argv)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
         raise UserError("put the tool's own arguments after --, e.g. -- --config-file FILE.")
-    i = argv.index("--")
+    i = argv.index("--") if "--" in argv else len(argv)
     own, tool_argv = argv[:i], argv[i + 1 :]
     args, rest = build_parser().parse_known_args(own)
     pairs, j = [], 0
