@@ -35,6 +35,8 @@ bench: install
 		--workers 1 --data-batches 4
 	$(PY) bench/det_step.py --iters 5 --size 128 --batch 4
 	$(PY) bench/convert_time.py --arch resnet50 --rounds 3 --warmup 1 --threads 1
+	$(PY) bench/data_pipeline.py --size 224 --seconds 10
+	$(PY) bench/negatives.py --repeats 5
 
 lint: install
 	$(PY) -m pip install -q ruff

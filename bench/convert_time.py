@@ -74,7 +74,7 @@ def write_checkpoint(arch: str, out_dir: str) -> tuple[str, dict[str, torch.Tens
     )
     g = torch.Generator().manual_seed(0)
     shape = (BATCH, 3, STEP_SIZE, STEP_SIZE)
-    loss = model(torch.randn(shape, generator=g), torch.randn(shape, generator=g))["loss"]
+    loss = model.losses(torch.randn(shape, generator=g), torch.randn(shape, generator=g))["loss"]
     opt.zero_grad()
     loss.backward()
     opt.step()
