@@ -194,7 +194,10 @@ class Pretrainer(TrainingRun):
             out["instance_retrieval_top1"] = self.instance_retrieval()
             retrieval = f"; instance retrieval top-1 {out['instance_retrieval_top1']:.2f}%"
         logger.info(
-            "kNN monitor at iteration %d: top-1 %.2f%%%s", self.trainer.iter, top1, retrieval
+            "kNN monitor after %d iterations: top-1 %.2f%%%s",
+            min(self.trainer.iter + 1, self.max_iter),
+            top1,
+            retrieval,
         )
         self.last_knn_top1 = top1
         self.last_instance_retrieval_top1 = out.get("instance_retrieval_top1")
@@ -253,6 +256,7 @@ class Pretrainer(TrainingRun):
             self.run_loop()
             history = self.trainer.storage.histories().get("total_loss")
             if comm.is_main_process() and history is not None:
+                # the median of the last 20 logged losses (read every LOG_PERIOD iterations)
                 final_loss = float(history.median(20))
         bad = count_bad_files(self.dataset)
         if bad:
