@@ -17,9 +17,6 @@ from pretrain.data import (
     RobustImageFolder,
     TwoCropsTransform,
     ViewParams,
-    _hsv_to_rgb,
-    _rgb_to_hsv,
-    _seeded,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -28,6 +25,8 @@ from pretrain.data import (
     normalize_uint8,
     open_rgb,
 )
+from pretrain.data.color import _hsv_to_rgb, _rgb_to_hsv
+from pretrain.data.datasets import _seeded
 from pretrain.methods import SiMo
 
 

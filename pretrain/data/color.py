@@ -1,0 +1,196 @@
+"""Exact, faster versions of torchvision's PIL colour ops (brightness, contrast, saturation, hue):
+the same bytes as ``torchvision.transforms.functional.adjust_*`` on an RGB image (tested)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import (
+    Any,
+    Dict,
+    List,
+    Tuple,
+)
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageStat
+
+
+logger = logging.getLogger(__name__)
+
+# ---- exact, faster versions of torchvision's PIL colour ops ----------------------------------
+#
+# Each returns the same bytes as torchvision.transforms.functional.adjust_* on an RGB PIL image
+# (tests compare them on every colour). Brightness and contrast are PIL blends with a constant
+# image, i.e. a per-byte map: it is tabulated by running PIL's own blend on the 256 byte values
+# and applied with one ``Image.point``. Hue (PIL's RGB -> HSV -> shift H -> RGB, 1.4 ms per 224 px
+# view, the costliest op of aug+) is computed with numpy from small tables that are themselves
+# made by PIL's converters (:func:`_hue_tables`); the float arithmetic of PIL's hsv2rgb is
+# reproduced in float64 (tested on all 2^24 HSV triples).
+
+_GRADIENT = bytes(range(256))
+
+
+def _blend_lut(degenerate: int, factor: float) -> List[int]:
+    """PIL's ``Image.blend(constant degenerate, x, factor)`` for every byte value x."""
+    grad = Image.frombytes("L", (256, 1), _GRADIENT)
+    out = Image.blend(Image.new("L", (256, 1), degenerate), grad, factor)
+    return list(out.tobytes()) * 3
+
+
+def _point(img: Image.Image, lut: List[int]) -> Image.Image:
+    """``img.point(lut)`` for a table of ints, without ``Image.point``'s per-entry Python
+    ``round`` (half the cost of the call at 224 px); falls back to it if PIL's internals move."""
+    try:
+        return img._new(img.im.point(lut, None))
+    except AttributeError:
+        return img.point(lut)
+
+
+def adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
+    """= torchvision's ``adjust_brightness`` (PIL ``ImageEnhance.Brightness``) on RGB."""
+    return _point(img, _blend_lut(0, factor))
+
+
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    """= torchvision's ``adjust_contrast`` (PIL ``ImageEnhance.Contrast``: blend with the mean
+    grey level, rounded as PIL rounds it) on RGB."""
+    mean = int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
+    return _point(img, _blend_lut(mean, factor))
+
+
+def adjust_saturation(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision's ``adjust_saturation`` on PIL (``ImageEnhance.Color``), as it is."""
+    return ImageEnhance.Color(img).enhance(factor)
+
+
+def _pil_rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """PIL's RGB -> HSV conversion of ``[n, 3]`` uint8 pixels."""
+    im = Image.frombytes("RGB", (rgb.shape[0], 1), np.ascontiguousarray(rgb, np.uint8).tobytes())
+    return np.asarray(im.convert("HSV")).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _hue_tables() -> Dict[str, Any]:
+    """Tables of PIL's RGB <-> HSV conversions (built once per process, ~20 ms).
+
+    rgb -> hsv: V = max; S depends on (max, max - min) only; H on (branch, max - mid,
+    max - min) only, where the branch is which channel PIL's code finds to be the max (r, then g,
+    then b) and which of the other two is the min (6 cases). Both tables are filled by running
+    PIL's converter on one pixel per entry, so they are PIL's values by construction.
+    hsv -> rgb: the output is a permutation (given by the sector of H) of (V, p, w) with
+    p = round(V * (1 - s)) and w = round(V * a[h, s]); ``a`` holds PIL's float expression
+    (``1 - fs*f`` in float32 for odd sectors, ``1 - fs*(1 - f)`` in float64 for even ones).
+    """
+    span = np.arange(256)
+    d, cr = np.meshgrid(span, span, indexing="ij")  # [max - mid, max - min]
+    d = np.minimum(d, cr)
+    hue = np.empty((6, 256, 256), np.uint8)
+    # (position of the max, of the min, of the mid) of the 6 cases, in the order of `case` below
+    for c, (cmax, cmin, cmid) in enumerate(
+        [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    ):
+        px = np.zeros((256 * 256, 3), np.uint8)
+        px[:, cmax] = 255
+        px[:, cmin] = (255 - cr).reshape(-1)
+        px[:, cmid] = (255 - d).reshape(-1)
+        hue[c] = _pil_rgb_to_hsv(px)[:, 0].reshape(256, 256)
+    vmax, cr = np.meshgrid(span, span, indexing="ij")  # [max, max - min]
+    px = np.repeat(np.clip(vmax - cr, 0, 255).reshape(-1, 1), 3, axis=1)
+    px[:, 0] = vmax.reshape(-1)
+    sat = _pil_rgb_to_hsv(px.astype(np.uint8))[:, 1].copy()
+    # hsv2rgb's floats, as PIL's C code computes them
+    h = span.astype(np.float64)
+    i = np.floor(h * 6.0 / 255.0)
+    f = (h * 6.0 / 255.0 - i).astype(np.float32)
+    sector = i.astype(np.int64) % 6
+    fs = (span / 255.0).astype(np.float32)
+    odd = (sector % 2 == 1)[:, None]
+    m_odd = (fs[None, :] * f[:, None]).astype(np.float64)  # float32 product
+    m_even = fs[None, :].astype(np.float64) * (1.0 - f[:, None].astype(np.float64))
+    a = 1.0 - np.where(odd, m_odd, m_even)  # [h, s]
+    p = np.floor(span[None, :] * (1.0 - fs[:, None].astype(np.float64)) + 0.5)  # [s, v]
+    # first H of sectors 1..5 (H = 255 is sector 6 % 6 = 0)
+    starts = tuple(int(np.argmax(sector == k)) for k in range(1, 6))
+    return {
+        "hue": hue.reshape(-1),
+        "sat": sat,
+        "a": a.reshape(-1),
+        "p": p.astype(np.uint8).reshape(-1),
+        "starts": starts,
+    }
+
+
+def _rgb_to_hsv(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """PIL's RGB -> HSV of flat uint8 planes, as uint8 planes ``(h, s, v)``."""
+    t = _hue_tables()
+    u8 = np.uint8
+    vmax = np.maximum(np.maximum(r, g), b)
+    vmin = np.minimum(np.minimum(r, g), b)
+    cr = vmax - vmin
+    d = vmax - (r + g + b - vmax - vmin)  # max - mid (uint8 arithmetic mod 256, exact)
+    rmax = (r == vmax).view(u8)
+    gmax = (g == vmax).view(u8)
+    rmin = (r == vmin).view(u8)
+    gmin = (g == vmin).view(u8)
+    # case: 0/1 r is the max (g / b the min), 2/3 g (r / b), 4/5 b (r / g), PIL's precedence
+    other = u8(5) - gmax - gmax - rmin
+    case = other - rmax * (other - (u8(1) - gmin))
+    # table keys in the narrowest integer type that holds them (cheapest to build and to take)
+    key = case.astype(np.uint32)
+    key <<= 8
+    key |= d
+    key <<= 8
+    key |= cr
+    h = t["hue"].take(key)
+    return h, t["sat"].take(_key16(vmax, cr)), vmax
+
+
+def _key16(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """``high * 256 + low`` of two uint8 planes, as uint16."""
+    key = high.astype(np.uint16)
+    key <<= 8
+    key |= low
+    return key
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """PIL's HSV -> RGB of flat uint8 planes, as uint8 planes ``(r, g, b)``."""
+    t = _hue_tables()
+    u8 = np.uint8
+    key = h.astype(np.intp)
+    key <<= 8
+    key |= s
+    x = t["a"].take(key)  # (float64 tables: an intp key takes 7x faster than a uint16 one)
+    x *= v
+    x += 0.5  # round half up = C's round() here (all values >= 0; exhaustively tested)
+    w = np.floor(x, out=x).astype(u8)
+    p = t["p"].take(_key16(s, v))
+    vw = v - w
+    wp = w - p
+    s1, s2, s3, s4, s5 = t["starts"]
+    lo1, lo2, lo3, lo4, lo5, top = h < s1, h < s2, h < s3, h < s4, h < s5, h == 255
+    out = []
+    # per output channel: where it is V and where p (elsewhere w), by sector
+    # r: V in 0, 5; p in 2, 3.  g: V in 1, 2; p in 4, 5.  b: V in 3, 4; p in 0, 1 (H=255: 0)
+    for is_v, is_p in (
+        (lo1 | ~lo5, ~lo2 & lo4),
+        (~lo1 & lo3, ~lo4 & ~top),
+        (~lo3 & lo5, lo2 | top),
+    ):
+        c = w + is_v.view(u8) * vw
+        c -= is_p.view(u8) * wp
+        out.append(c)
+    return tuple(out)
+
+
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """= torchvision's ``adjust_hue`` on an RGB PIL image (PIL HSV, H shifted by
+    ``int(hue_factor * 255)`` mod 256), 2-3x faster."""
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    planes = [np.asarray(band).reshape(-1) for band in img.split()]
+    h, s, v = _rgb_to_hsv(*planes)
+    h += np.int32(hue_factor * 255).astype(np.uint8)  # torchvision's wrap-around shift
+    bands = [Image.frombuffer("L", img.size, c, "raw", "L", 0, 1) for c in _hsv_to_rgb(h, s, v)]
+    return Image.merge("RGB", bands)
