@@ -18,6 +18,18 @@ DET_ARCH=(MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
 mkdir -p "$OUT"
 start=$(date +%s)
 stage() { printf '\n==== [%s] %s (%ds elapsed)\n' "$(date +%H:%M:%S)" "$1" $(( $(date +%s) - start )); }
+# Each stage's whole output goes to $OUT/logs/<stage>.log; the terminal shows its progress lines
+# (with ETA), results and errors. On a failure the end of the log is printed.
+mkdir -p "$OUT/logs"
+SHOW='eta: |error|Error|Traceback|kNN monitor|Linear eval of|Sanity check|verify|^wrote|copypaste: [0-9]|Resumed|diverged|skipped|converted'
+quiet() {
+  local log="$OUT/logs/$1.log"; shift
+  echo "(full output: $log)"
+  if ! "$@" < /dev/null 2>&1 | tee -a "$log" | { grep --line-buffered -E "$SHOW" | cut -c1-160 || true; }
+  then
+    echo "FAILED; the end of $log:"; tail -n 30 "$log"; exit 1
+  fi
+}
 
 stage "1/7 built-in dataset -> $DATA"
 if [ -f "$DATA/imagefolder/val/star/000998.jpg" ] && grep -q '"style": "grey"' "$DATA/annotations/instances_val.json"; then
@@ -33,31 +45,31 @@ fi
 stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7.5 min)"
 # pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
 # threads and one loader worker vs 0.44 s with 1 thread)
-OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} \
+OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet pretrain \
   $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
   MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo OUTPUT_DIR "$OUT/pretrain_simo"
 
 stage "3/7 linear evaluation (cached features): SiMo, then a random-init $ARCH"
-$PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
+quiet lincls_simo $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
   MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/pretrain_simo/model_final.pth" DATASETS.ROOT "$DATA/imagefolder" \
   OUTPUT_DIR "$OUT/lincls_simo"
 $PY -c "import sys, torch, torchvision; torch.manual_seed(0); \
 torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])" $ARCH "$OUT/random_init.pth"
-$PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
-  MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/random_init.pth" DATASETS.ROOT "$DATA/imagefolder" \
+quiet lincls_random_init $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml \
+  --cached-features MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/random_init.pth" DATASETS.ROOT "$DATA/imagefolder" \
   NAME "random init" OUTPUT_DIR "$OUT/lincls_random_init"
 
 stage "4/7 convert SiMo to detectron2 weights, verified against the original backbone"
-$PY tools/convert.py "$OUT/pretrain_simo/model_final.pth" "$OUT/simo.pkl" --verify --force \
+quiet convert $PY tools/convert.py "$OUT/pretrain_simo/model_final.pth" "$OUT/simo.pkl" --verify --force \
   --lincls-dir "$OUT/lincls_simo" --config-file configs/shapes_fpn_cpu.yaml "${DET_ARCH[@]}"
 
 stage "5/7 Faster R-CNN R18-FPN fine-tune from SiMo"
-$PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
+quiet det_simo $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
   MODEL.WEIGHTS "$OUT/simo.pkl" OUTPUT_DIR "$OUT/det_simo"
 
 stage "6/7 the same fine-tune from random init"
-$PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
-  OUTPUT_DIR "$OUT/det_random_init"
+quiet det_random_init $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume \
+  "${DET_ARCH[@]}" OUTPUT_DIR "$OUT/det_random_init"
 
 stage "7/7 report"
 $PY tools/report.py "$OUT" --out "$OUT/report"
