@@ -25,7 +25,8 @@ SHOW='eta: |error|Error|Traceback|kNN monitor|Linear eval of|Sanity check|verify
 quiet() {
   local log="$OUT/logs/$1.log"; shift
   echo "(full output: $log)"
-  if ! "$@" < /dev/null 2>&1 | tee -a "$log" | { grep --line-buffered -E "$SHOW" | cut -c1-160 || true; }
+  if ! "$@" < /dev/null 2>&1 | tee -a "$log" | { grep --line-buffered -E "$SHOW" || true; } \
+      | while IFS= read -r line; do printf '%s\n' "${line:0:160}"; done
   then
     echo "FAILED; the end of $log:"; tail -n 30 "$log"; exit 1
   fi
