@@ -43,7 +43,7 @@ else
   echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
-stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7.5 min)"
+stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7 min)"
 # pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
 # threads and one loader worker vs 0.44 s with 1 thread)
 OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet pretrain \
