@@ -91,8 +91,10 @@ class Pretrainer(TrainingRun):
         ddp_kwargs: Dict[str, Any] = {"broadcast_buffers": False}
         if not cuda:
             ddp_kwargs["device_ids"] = None
-        # SyncBN keeps buffers identical across processes and the queue is built from gathered
-        # keys, so DDP need not re-broadcast buffers at every forward
+        # no buffer broadcast at every forward: with SyncBN over all processes the BN buffers
+        # stay identical, the queue is built from gathered keys, and with BN groups
+        # (MODEL.SYNC_BN_GROUP_SIZE) or per-process BN each process keeps its own statistics
+        # (the checkpoint holds rank 0's)
         train_model = create_ddp_model(self.model, **ddp_kwargs)
         if cfg.MODEL.COMPILE:
             train_model = torch.compile(train_model)
