@@ -64,13 +64,21 @@ stage "4/7 convert SiMo to detectron2 weights, verified against the original bac
 quiet convert $PY tools/convert.py "$OUT/pretrain_simo/model_final.pth" "$OUT/simo.pkl" --verify --force \
   --lincls-dir "$OUT/lincls_simo" --config-file configs/shapes_fpn_cpu.yaml "${DET_ARCH[@]}"
 
-stage "5/7 Faster R-CNN R18-FPN fine-tune from SiMo"
-quiet det_simo $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume "${DET_ARCH[@]}" \
-  MODEL.WEIGHTS "$OUT/simo.pkl" OUTPUT_DIR "$OUT/det_simo"
+# DET_SEEDS="0 1 2" make demo: each fine-tune once per detection SEED (the report adds their mean and
+# sd); finished runs are reused, so after a plain make demo this adds only the new seeds' runs
+DET_SEEDS=${DET_SEEDS:-0}
+det_dir() { if [ "$2" = 0 ]; then echo "$OUT/det_$1"; else echo "$OUT/det_$1_s$2"; fi; }
+stage "5/7 Faster R-CNN R18-FPN fine-tune from SiMo (detection seeds: $DET_SEEDS)"
+for seed in $DET_SEEDS; do
+  quiet "$(basename "$(det_dir simo "$seed")")" $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume \
+    "${DET_ARCH[@]}" MODEL.WEIGHTS "$OUT/simo.pkl" SEED "$seed" OUTPUT_DIR "$(det_dir simo "$seed")"
+done
 
-stage "6/7 the same fine-tune from random init"
-quiet det_random_init $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume \
-  "${DET_ARCH[@]}" OUTPUT_DIR "$OUT/det_random_init"
+stage "6/7 the same fine-tune from random init (detection seeds: $DET_SEEDS)"
+for seed in $DET_SEEDS; do
+  quiet "$(basename "$(det_dir random_init "$seed")")" $PY tools/train_det.py --config configs/shapes_fpn_cpu.yaml --resume \
+    "${DET_ARCH[@]}" SEED "$seed" OUTPUT_DIR "$(det_dir random_init "$seed")"
+done
 
 stage "7/7 report"
 $PY tools/report.py "$OUT" --out "$OUT/report"

@@ -20,8 +20,8 @@ from transfer.report.runs import find_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = (
-    "| name | method | loss | K | alpha | epochs | top-1 | kNN | val | seed "
-    "| AP | AP50 | AP75 | APs | APm | APl |"
+    "| name | method | loss | K | alpha | epochs | top-1 | kNN | val | seed | det seed "
+    "| AP | AP sd | AP50 | AP75 | APs | APm | APl |"
 )
 
 SIMO_META = {
@@ -156,18 +156,18 @@ def test_report_table_csv_and_plots(runs, tmp_path):
     rows = _rows(report.markdown)
     assert list(rows) == ["mocov2_q65536", "simo_k16", "random init"]
     assert rows["simo_k16"] == [
-        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1", "61.3", "50000", "3",
-        "39.0", "59.2", "42.3", "-", "41.8", "50.5",
+        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1", "61.3", "50000", "3", "-",
+        "39.0", "-", "59.2", "42.3", "-", "41.8", "50.5",
     ]  # fmt: skip
     # a pre-training that was never transferred: no AP, no top-1, and alpha not made up
     assert rows["mocov2_q65536"] == [
-        "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-",
-        "-", "-", "-", "-", "-", "-",
+        "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-", "-",
+        "-", "-", "-", "-", "-", "-", "-",
     ]  # fmt: skip
     # the baseline: probe and kNN under the same evaluation; random weights have no pretraining
     assert rows["random init"] == [
-        "random init", "-", "-", "-", "-", "-", "30.0", "35.0", "50000", "-",
-        "25.4", "41.0", "26.1", "9.9", "27.3", "35.0",
+        "random init", "-", "-", "-", "-", "-", "30.0", "35.0", "50000", "-", "-",
+        "25.4", "-", "41.0", "26.1", "9.9", "27.3", "35.0",
     ]  # fmt: skip
 
     md = (out / "report.md").read_text()
@@ -197,10 +197,12 @@ def test_paper_rows_are_marked(runs, tmp_path):
     report = make_report([str(runs)], str(tmp_path / "r"), paper=True)
     rows = _rows(report.markdown)
     assert rows["SiMo [paper]"] == [
-        "SiMo [paper]", "simo", "-", "-", "-", "-", "-", "-", "-", "-",
-        "39.0", "59.2", "42.3", "22.9", "41.8", "50.5",
+        "SiMo [paper]", "simo", "-", "-", "-", "-", "-", "-", "-", "-", "-",
+        "39.0", "-", "59.2", "42.3", "22.9", "41.8", "50.5",
     ]  # fmt: skip
-    assert rows["supervised IN [paper]"][10:] == ["39.0", "59.1", "42.6", "22.4", "42.2", "50.6"]
+    assert rows["supervised IN [paper]"][11:] == [
+        "39.0", "-", "59.1", "42.6", "22.4", "42.2", "50.6"
+    ]
     assert len(rows) == 3 + len(PAPER_ROWS)
     with open(tmp_path / "r" / "report.csv", newline="") as f:
         sources = [r["source"] for r in csv.DictReader(f)]
@@ -215,7 +217,7 @@ def test_run_dirs_given_one_by_one(runs, tmp_path):
     assert list(rows) == ["simo_k16"]
     # no pretraining run given: the seed still comes from the folder of the checkpoint that the
     # linear eval read
-    assert rows["simo_k16"][6:11] == ["68.1", "61.3", "50000", "3", "39.0"]
+    assert rows["simo_k16"][6:12] == ["68.1", "61.3", "50000", "3", "-", "39.0"]
     # no pretraining run given: no loss curve, and the report says so instead of drawing nothing
     assert not (tmp_path / "r" / "pretrain_loss.png").exists()
     assert any("no pretraining loss curves" in n for n in report.notes)
@@ -233,8 +235,8 @@ def test_provenance_read_from_converted_weights(tmp_path):
     _run(tmp_path, "det", det)
     rows = _rows(make_report([str(tmp_path / "det")], str(tmp_path / "r")).markdown)
     assert rows["simclr_dcl"] == [
-        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "-", "-", "-",
-        "1.2", "-", "-", "-", "-", "-",
+        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "-", "-", "-", "-",
+        "1.2", "-", "-", "-", "-", "-", "-",
     ]  # fmt: skip
 
 
@@ -249,11 +251,39 @@ def test_duplicates_and_disagreements_are_reported(runs, tmp_path):
     _run(runs, "lincls/simo_k16_old", old, mtime=time.time() - 3600)
     report = make_report([str(runs)], str(tmp_path / "r"))
     rows = _rows(report.markdown)
-    assert rows["simo_k16 (simo_k16)"][6:11] == ["68.1", "61.3", "50000", "3", "39.0"]
-    assert rows["simo_k16 (simo_k16_seed1)"][6:11] == ["68.1", "61.3", "50000", "3", "38.5"]
+    assert rows["simo_k16 (simo_k16)"][6:12] == ["68.1", "61.3", "50000", "3", "-", "39.0"]
+    assert rows["simo_k16 (simo_k16_seed1)"][6:12] == ["68.1", "61.3", "50000", "3", "-", "38.5"]
     notes = " ".join(report.notes)
     assert "2 lincls results" in notes and "simo_k16_old" in notes
     assert "top-1 68.1" in notes and "60.0 in the converted weights" in notes
+
+
+def test_detection_seeds_mean_sd_and_verdict(runs, tmp_path):
+    """Fine-tunes repeated with detection SEEDs 0 1 2: a row each (its det seed read from its
+    config.yaml), a mean row with the sample sd of AP, and a sentence on which pre-training wins."""
+    for name, rel, aps in (("simo_k16", "det/simo_k16", (39.0, 37.0, 41.0)),
+                           ("random init", "det/random", (25.0, 26.0, 24.0))):  # fmt: skip
+        base = json.loads((runs / rel / "results.json").read_text())
+        for seed, ap in enumerate(aps):
+            d = runs / f"{rel}_s{seed}"
+            _run(runs, f"{rel}_s{seed}", {**base, "bbox": {**base["bbox"], "AP": ap}})
+            (d / "config.yaml").write_text(f"MODEL:\n  DEVICE: cpu\nSEED: {seed}\n")
+        (runs / rel / "results.json").unlink()  # the fixture's unseeded run is not one of them
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    rows = _rows(report.markdown)
+    assert rows["simo_k16 (simo_k16_s1)"][9:13] == ["3", "1", "37.0", "-"]
+    mean = rows["simo_k16 (mean of 3)"]
+    assert mean[6:14] == ["68.1", "61.3", "50000", "3", "0 1 2", "39.0", "2.0", "59.2"]
+    assert rows["random init (mean of 3)"][10:13] == ["0 1 2", "25.0", "1.0"]
+    verdict = [n for n in report.notes if n.startswith("detection:")]
+    assert verdict == [
+        "detection: simo_k16 (mean of 3) AP 39.0 +- 2.0 vs random init (mean of 3) 25.0 +- 1.0 "
+        "(seeds 0 1 2 / 0 1 2): the gap 14.0 is above 2 x the pooled sd (3.2)."
+    ]
+    with open(tmp_path / "r" / "report.csv", newline="") as f:
+        csv_mean = next(r for r in csv.DictReader(f) if r["name"] == "simo_k16 (mean of 3)")
+    assert float(csv_mean["AP"]) == 39.0 and float(csv_mean["AP sd"]) == 2.0
+    assert csv_mean["det seed"] == "0 1 2"
 
 
 def test_old_results_without_knn_and_seed_sources(runs, tmp_path):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any
 
 from transfer.convert import read_provenance
-from transfer.report.runs import KINDS, Run, as_count, as_number, config_seed
+from transfer.report.runs import KINDS, Run, as_count, as_number, config_seed, run_seed
 from transfer.report.tables import BBOX_KEYS, COLUMNS, format_value
 
 __all__ = ["PAPER_MARK", "PAPER_ROWS", "build_rows"]
@@ -120,6 +121,46 @@ def _provenance(det: Run) -> dict[str, Any]:
     return prov
 
 
+def _seed_summary(name: str, det_rows: list[dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+    """The mean (and sample sd of AP) of one pre-training's detection runs: repeated fine-tunes
+    with different detection SEEDs tell its AP from the noise of one run."""
+    seeds = [r.get("det_seed") for r in det_rows]
+    if None in seeds or len(set(seeds)) < len(seeds):
+        notes.append(
+            f"'{name}': {len(det_rows)} detection runs whose SEEDs are not all distinct and "
+            f"fixed ({seeds}); the mean row is over runs, not over seeds."
+        )
+    row = {k: v for k, v in det_rows[0].items() if k not in BBOX_KEYS}
+    row.update(name=f"{name} (mean of {len(det_rows)})", detection_dir=None)
+    row["det_seed"] = " ".join("-" if s is None else str(s) for s in seeds)
+    for key in BBOX_KEYS:
+        values = [r[key] for r in det_rows if r.get(key) is not None]
+        row[key] = statistics.fmean(values) if len(values) == len(det_rows) else None
+    aps = [r["AP"] for r in det_rows if r.get("AP") is not None]
+    row["AP_sd"] = statistics.stdev(aps) if len(aps) == len(det_rows) else None
+    row["summary"] = True
+    return row
+
+
+def _detection_verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per pair of pre-trainings with a mean row: which one's AP is higher, and
+    whether the gap exceeds twice the pooled sd of the runs."""
+    means = [r for r in rows if r.get("summary") and r.get("AP") is not None]
+    notes = []
+    for i, a in enumerate(means):
+        for b in means[i + 1:]:
+            hi, lo = (a, b) if a["AP"] >= b["AP"] else (b, a)
+            sd = ((hi["AP_sd"] ** 2 + lo["AP_sd"] ** 2) / 2) ** 0.5
+            gap = hi["AP"] - lo["AP"]
+            clear = "above" if gap > 2 * sd else "within"
+            notes.append(
+                f"detection: {hi['name']} AP {hi['AP']:.1f} +- {hi['AP_sd']:.1f} vs {lo['name']} "
+                f"{lo['AP']:.1f} +- {lo['AP_sd']:.1f} (seeds {hi['det_seed']} / "
+                f"{lo['det_seed']}): the gap {gap:.1f} is {clear} 2 x the pooled sd ({2 * sd:.1f})."
+            )
+    return notes
+
+
 def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per pre-training name (one per detection run of it), then the paper's rows."""
     notes: list[str] = []
@@ -153,6 +194,7 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
             row["top1"] = top1 if top1 is not None else prov_top1
             row.update(_lincls_columns(lin))
             row["seed"] = _pretrain_seed(pre, lin, prov)
+            row["det_seed"] = run_seed(det.path) if det else None
             bbox = det.results.get("bbox") if det else None
             bbox = bbox if isinstance(bbox, dict) else {}
             row.update({k: as_number(bbox.get(k)) for k in BBOX_KEYS})
@@ -163,7 +205,10 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
                 row["name"] = f"{name} ({os.path.basename(os.path.normpath(det.path))})"
                 det.label = row["name"]
             rows.append(row)
+        if len(dets) > 1:
+            rows.append(_seed_summary(name, rows[-len(dets):], notes))
     notes += _differing_evaluations(rows)
+    notes += _detection_verdict(rows)
     if paper:
         for ref in PAPER_ROWS:
             row = {c: None for _, c in COLUMNS}

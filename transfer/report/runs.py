@@ -24,6 +24,7 @@ __all__ = [
     "as_number",
     "config_knn",
     "config_seed",
+    "run_seed",
     "find_runs",
 ]
 
@@ -129,6 +130,17 @@ def config_seed(folder: str) -> int | None:
     """SEED of ``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD)."""
     cfg = _pretrain_config(folder)
     return as_count(cfg.get("SEED")) if cfg else None
+
+
+def run_seed(folder: str) -> int | None:
+    """SEED of any run's ``folder/config.yaml`` (pretraining, linear eval or detection)."""
+    path = os.path.join(folder, "config.yaml")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return as_count(cfg.get("SEED")) if isinstance(cfg, dict) else None
 
 
 def config_knn(folder: str) -> tuple[int, float] | None:

@@ -32,7 +32,9 @@ COLUMNS: list[tuple[str, str]] = [
     ("kNN", "knn_top1"),
     ("val", "val_images"),
     ("seed", "seed"),
+    ("det seed", "det_seed"),
     ("AP", "AP"),
+    ("AP sd", "AP_sd"),
     ("AP50", "AP50"),
     ("AP75", "AP75"),
     ("APs", "APs"),
@@ -41,7 +43,7 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # shown with one decimal, like AP
-PERCENT_KEYS = ("top1", "knn_top1") + BBOX_KEYS
+PERCENT_KEYS = ("top1", "knn_top1", "AP_sd") + BBOX_KEYS
 # CSV only, after the table's columns: the kNN settings and the linear eval's own SEED
 CSV_EXTRA = [
     "source", "knn_k", "knn_t", "lincls_seed", "pretrain_dir", "lincls_dir", "detection_dir"
