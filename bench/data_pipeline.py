@@ -50,9 +50,9 @@ from pretrain.data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     TwoCropsTransform,
-    _seeded,
     moco_v2_transform,
 )
+from pretrain.data.datasets import _seeded  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 

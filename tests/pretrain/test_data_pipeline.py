@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter, ImageStat
 from torch import nn
 
 from pretrain.data import (
@@ -25,7 +25,7 @@ from pretrain.data import (
     normalize_uint8,
     open_rgb,
 )
-from pretrain.data.color import _hsv_to_rgb, _rgb_to_hsv
+from pretrain.data.color import _hsv_to_rgb, _mean_grey, _rgb_to_hsv
 from pretrain.data.datasets import _seeded
 from pretrain.methods import SiMo
 
@@ -104,6 +104,97 @@ def test_colour_ops_give_torchvision_bytes():
         assert np.array_equal(np.asarray(adjust_hue(img, h)), TF.adjust_hue(img, h))
     with pytest.raises(ValueError):
         adjust_hue(img, 0.6)
+
+
+def _plain_render(aug, img, view):
+    """A view rendered the straightforward way: torchvision's functional ops on RGB PIL images."""
+    top, left, h, w = view.box
+    out = TF.resized_crop(img, top, left, h, w, [aug.size, aug.size], antialias=True)
+    if view.jitter is not None:
+        order, *factors = view.jitter
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k in order:
+            out = ops[k](out, factors[k])
+    if view.gray:
+        out = out.convert("L").convert("RGB")
+    if view.sigma is not None:
+        out = out.filter(ImageFilter.GaussianBlur(radius=view.sigma))
+    if view.flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())
+
+
+def test_render_fast_paths_equal_the_plain_ops():
+    # grey views as one L band, blurred colour views band by band, the flip in the planar copy,
+    # hue in fixed point, contrast's mean from the histogram: the bytes of the plain RGB ops
+    photo = _photo(500, 375)
+    for size in (224, 37):
+        aug = MoCoV2Augment(size)
+        for seed in range(40):
+            torch.manual_seed(seed)
+            view = aug.sample(*photo.size)
+            assert torch.equal(aug.render(photo, view), _plain_render(aug, photo, view)), seed
+        # every combination of grey / blur / flip, with and without jitter
+        torch.manual_seed(0)
+        base = aug.sample(*photo.size)
+        jitter = ([3, 1, 0, 2], 1.3, 0.7, 1.2, -0.08)
+        for j in (None, jitter):
+            for gray in (False, True):
+                for sigma in (None, 0.1, 0.73, 2.0):
+                    for flip in (False, True):
+                        view = base._replace(jitter=j, gray=gray, sigma=sigma, flip=flip)
+                        got, want = aug.render(photo, view), _plain_render(aug, photo, view)
+                        assert got.dtype == torch.uint8 and got.is_contiguous()
+                        assert torch.equal(got, want), view
+
+
+def test_band_blur_is_pils_rgb_blur_for_any_sigma():
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (31, 45, 3), dtype=np.uint8))
+    for sigma in list(rng.uniform(0.1, 2.0, 200)) + [0.1, 2.0]:
+        blur = ImageFilter.GaussianBlur(radius=float(sigma))
+        rgb = np.asarray(img.filter(blur))
+        bands = [np.asarray(b.filter(blur)) for b in img.split()]
+        assert np.array_equal(rgb, np.stack(bands, axis=2)), sigma
+
+
+def test_sample_makes_torchvision_draws():
+    # MoCoV2Augment.sample = the draws of the torchvision transforms (same values, same RNG
+    # state after), including RandomResizedCrop's fallback and the float32 probability tests
+    aug = MoCoV2Augment(224)
+    j = aug._jitter
+
+    def reference(width, height):
+        shape_only = torch.empty((1, 1, 1)).expand(3, height, width)
+        box = T.RandomResizedCrop.get_params(shape_only, [0.2, 1.0], [3 / 4, 4 / 3])
+        jitter = None
+        if not 0.8 < torch.rand(1):
+            order, *f = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+            jitter = (order.tolist(), *f)
+        gray = bool(torch.rand(1) < 0.2)
+        sigma = None if 0.5 < torch.rand(1) else GaussianBlur((0.1, 2.0)).draw()
+        flip = bool(torch.rand(1) < 0.5)
+        return ViewParams(box, jitter, gray, sigma, flip)
+
+    for width, height in [(500, 375), (375, 500), (13, 200), (300, 20), (40, 40), (1, 1)]:
+        for seed in range(300):
+            torch.manual_seed(seed)
+            want, after_want = reference(width, height), torch.rand(1)
+            torch.manual_seed(seed)
+            got, after_got = aug.sample(width, height), torch.rand(1)
+            assert got == want and torch.equal(after_got, after_want), (width, height, seed)
+    # a draw equal to float32(p) (0.8 is not a float32 value) is ordered as torch orders it
+    assert aug._thresholds[0] == float(torch.tensor(0.8)) and aug._thresholds[2] == 0.5
+
+
+def test_mean_grey_is_imagestat_rounded():
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(1, 1), (7, 3), (64, 64), (223, 224)]]
+    images += [Image.new("RGB", (5, 5), c) for c in [(0, 0, 0), (255, 255, 255), (1, 2, 3)]]
+    images.append(_photo(224, 224))
+    for img in images:
+        assert _mean_grey(img) == int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
 
 
 def test_hsv_tables_are_pils_conversions_on_every_value():
