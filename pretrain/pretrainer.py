@@ -13,7 +13,6 @@ from typing import Any, Dict, List
 
 import torch
 from detectron2.engine import hooks
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
 
@@ -32,6 +31,7 @@ from pretrain.engine import (
     RNGStates,
     TrainingRun,
     build_lr_multiplier,
+    create_ddp_model,
     warmup_iterations,
 )
 from pretrain.grad_norm import QueryGradNormHook
@@ -88,14 +88,11 @@ class Pretrainer(TrainingRun):
         else:
             self.max_iter = max(int(round(cfg.SOLVER.EPOCHS * self.iters_per_epoch)), 1)
         self.model: ContrastiveMethod = build_method(cfg, self.device)
-        ddp_kwargs: Dict[str, Any] = {"broadcast_buffers": False}
-        if not cuda:
-            ddp_kwargs["device_ids"] = None
         # no buffer broadcast at every forward: with SyncBN over all processes the BN buffers
         # stay identical, the queue is built from gathered keys, and with BN groups
         # (MODEL.SYNC_BN_GROUP_SIZE) or per-process BN each process keeps its own statistics
         # (the checkpoint holds rank 0's)
-        train_model = create_ddp_model(self.model, **ddp_kwargs)
+        train_model = create_ddp_model(self.model, broadcast_buffers=False)
         if cfg.MODEL.COMPILE:
             train_model = torch.compile(train_model)
         self.lr = effective_lr(cfg)

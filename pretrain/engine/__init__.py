@@ -7,6 +7,9 @@
   states of every process;
 * :mod:`.hooks` -- stop on NaN/inf, progress with ETA, the writers;
 * :mod:`.schedule` -- warm-up + cosine learning rate;
+* :mod:`.run` -- what every run shares whichever loop it drives (:class:`RunMixin`: resume decided
+  by process 0, ``results.json``; OUTPUT_DIR preparation, DDP on CPU as on GPU), also used by the
+  detection trainer :class:`transfer.trainer.Trainer`;
 * :mod:`.train_loop` -- ``SimpleTrainer`` / ``AMPTrainer`` and :class:`TrainingRun`, the base of
   :class:`pretrain.pretrainer.Pretrainer` and :class:`pretrain.lincls.LinearEvaluator`.
 """
@@ -20,8 +23,9 @@ from pretrain.engine.launch import (
     launch_from_args,
     setup_run,
 )
+from pretrain.engine.run import RunMixin, create_ddp_model, prepare_output_dir, write_results
 from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
-from pretrain.engine.train_loop import TrainingRun, build_trainer, write_results
+from pretrain.engine.train_loop import TrainingRun, build_trainer
 
 __all__ = [
     "launch_from_args",
@@ -38,6 +42,9 @@ __all__ = [
     "build_lr_multiplier",
     "warmup_iterations",
     "build_trainer",
+    "RunMixin",
     "TrainingRun",
+    "create_ddp_model",
+    "prepare_output_dir",
     "write_results",
 ]

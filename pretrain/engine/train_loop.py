@@ -1,23 +1,23 @@
 """The one training loop of every stage: detectron2's ``SimpleTrainer`` (``AMPTrainer`` with mixed
 precision on CUDA) driven by :class:`TrainingRun`, the base of the pretraining and linear-eval runs
-(config, device, hooks, checkpointer, resume, divergence message, ``results.json``)."""
+(config, device, hooks, checkpointer, divergence message; resume and ``results.json`` from
+:class:`~pretrain.engine.run.RunMixin`, which the detection trainer shares)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
 
 from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
-from pretrain.engine.launch import check_shared_output_dir, get_device
-from pretrain.io import UserError, atomic_write_text
+from pretrain.engine.launch import get_device
+from pretrain.engine.run import RunMixin, prepare_output_dir
+from pretrain.io import UserError
 
-__all__ = ["build_trainer", "TrainingRun", "write_results"]
+__all__ = ["build_trainer", "TrainingRun"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +44,12 @@ def build_trainer(
     )
 
 
-def write_results(output_dir: str, results: Dict[str, Any]) -> str:
-    """Write ``results.json`` atomically (main process only); returns its path."""
-    path = os.path.join(output_dir, "results.json")
-    if comm.is_main_process():
-        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    return path
-
-
-class TrainingRun:
-    """What every training stage shares, like detectron2's ``DefaultTrainer`` (whose loop it
-    runs): the subclass builds data, model, optimizer and scheduler, then calls
-    :meth:`build_trainer` and :meth:`build_checkpointer`; this class owns the hooks every loop
-    needs, resume, the divergence message and ``results.json``.
+class TrainingRun(RunMixin):
+    """What the pretraining and linear-eval runs share, like detectron2's ``DefaultTrainer``
+    (whose loop it runs): the subclass builds data, model (:func:`create_ddp_model`), optimizer
+    and scheduler, then calls :meth:`build_trainer` and sets :attr:`checkpointer`; this class owns
+    the hooks every loop needs and the divergence message, :class:`RunMixin` the resume and
+    ``results.json``.
 
     Subclasses set :attr:`stage` (used in messages), :attr:`max_iter`, :attr:`loader` (with
     ``epochs_done()``) and implement :meth:`build_hooks`; :meth:`after_resume` may check the
@@ -70,10 +63,7 @@ class TrainingRun:
         self.device = get_device()
         self.start_iter = 0
         self.max_iter = 0
-        if comm.is_main_process():
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        # before any work: every process must see the checkpoints process 0 writes
-        check_shared_output_dir(cfg.OUTPUT_DIR)
+        prepare_output_dir(cfg.OUTPUT_DIR)
 
     # ------------------------------------------------------------------ set-up (subclass calls)
     def build_trainer(
@@ -137,25 +127,8 @@ class TrainingRun:
         self.trainer.register_hooks([h for h in self.build_hooks() if h is not None])
 
     # ------------------------------------------------------------------ running
-    def resume_or_load(self, resume: bool = True) -> "TrainingRun":
-        """With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, restore everything the
-        checkpointer holds and continue after its iteration; else start at 0. Collective: the
-        main process decides which checkpoint (if any), every process loads that one and they
-        agree on its iteration (:meth:`AtomicCheckpointer.resume_last`)."""
-        found = self.checkpointer.resume_last() if resume else None
-        if found is not None:
-            path, extra = found
-            self.start_iter = int(extra["iteration"]) + 1
-            self.after_resume(path)
-            logger.info(
-                "Resumed at iteration %d (epoch %.3f)", self.start_iter, self.loader.epochs_done()
-            )
-        elif resume:
-            logger.info("No checkpoint in %s: starting from scratch.", self.cfg.OUTPUT_DIR)
-        return self
-
-    def after_resume(self, path: str) -> None:
-        """Called after the state of checkpoint ``path`` was restored."""
+    def resumed_message(self) -> str:
+        return f"Resumed at iteration {self.start_iter} (epoch {self.loader.epochs_done():.3f})"
 
     def run_loop(self) -> None:
         """``trainer.train(start_iter, max_iter)``; a non-finite loss becomes one
@@ -172,6 +145,3 @@ class TrainingRun:
                 f"{self.stage} diverged: the loss became non-finite at iteration {e.iteration}; "
                 f"{kept}; lower SOLVER.BASE_LR (or check the data) and restart with --resume."
             ) from e
-
-    def write_results(self, results: Dict[str, Any]) -> str:
-        return write_results(self.cfg.OUTPUT_DIR, results)

@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 from detectron2.engine import hooks
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from torch.utils.data import Dataset
 
 from pretrain.config import PretrainCfgNode
 from pretrain.data import build_train_loader, count_bad_files
-from pretrain.engine import AtomicCheckpointer, RNGStates, TrainingRun
+from pretrain.engine import AtomicCheckpointer, RNGStates, TrainingRun, create_ddp_model
 from pretrain.io import UserError
 from pretrain.lincls.data import (
     CachedFeatures,
@@ -126,12 +125,11 @@ class LinearEvaluator(TrainingRun):
         ipe = self.iters_per_epoch = self.loader.batches_per_epoch
         self.max_iter = cfg.SOLVER.MAX_ITER or max(int(round(cfg.SOLVER.EPOCHS * ipe)), 1)
 
-        ddp_kwargs: dict[str, Any] = {"broadcast_buffers": False}
-        if not cuda:
-            ddp_kwargs["device_ids"] = None
         # DDP over the fc only: the frozen backbone has no gradient to synchronise
         self.model = LinearClassifier(
-            self.net, create_ddp_model(self.net.fc, **ddp_kwargs), from_features=self.cached
+            self.net,
+            create_ddp_model(self.net.fc, broadcast_buffers=False),
+            from_features=self.cached,
         )
         params = [p for p in self.net.parameters() if p.requires_grad]
         assert len(params) == 2, "only fc.weight and fc.bias are trained"  # as MoCo's main_lincls
