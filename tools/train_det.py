@@ -35,9 +35,9 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from pretrain.engine import (  # noqa: E402
-    check_shared_output_dir,
     finish_distributed,
     launch_from_args,
+    prepare_output_dir,
     setup_run,
 )
 from pretrain.io import exit_on_user_error  # noqa: E402
@@ -50,8 +50,7 @@ def setup(args):
     check_datasets(cfg)
     cfg.freeze()
     setup_run(cfg, args)  # detectron2's default_setup, environment dump in log.txt only
-    # before any work: every process must see the checkpoints process 0 writes there
-    check_shared_output_dir(cfg.OUTPUT_DIR)
+    prepare_output_dir(cfg.OUTPUT_DIR)  # as every run: every process must see the checkpoints
     return cfg
 
 

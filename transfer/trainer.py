@@ -1,11 +1,13 @@
 """detectron2 training for the transfer stage: safe weights, atomic checkpoints, COCO evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import weakref
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -13,13 +15,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from pretrain.engine import AtomicCheckpointer
+from pretrain.engine import AtomicCheckpointer, RunMixin, create_ddp_model
 from pretrain.engine import write_results as write_results_json
 from pretrain.io import UserError, load_checkpoint, load_weights_pickle
 
@@ -201,50 +202,49 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
     return provenance
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation, safe/atomic checkpoints, several CPU processes and a
-    resume decided by the main process; everything else is detectron2's."""
+@contextlib.contextmanager
+def _ddp_on_cpu_too() -> Iterator[None]:
+    """While ``DefaultTrainer.__init__`` runs: the ``create_ddp_model`` it calls is
+    :func:`pretrain.engine.create_ddp_model` (``device_ids=None`` for a model on the CPU;
+    detectron2's passes ``[local_rank]``, which DDP refuses for CPU modules). detectron2 has no
+    hook for the wrapping, so the name in ``detectron2.engine.defaults`` is swapped for the call
+    and restored afterwards."""
+    original = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+class Trainer(RunMixin, DefaultTrainer):
+    """detectron2's ``DefaultTrainer`` (its build_* methods, hooks, ``train`` and ``test``) with
+    COCO evaluation, safe/atomic checkpoints, several CPU processes (gloo) and, from
+    :class:`pretrain.engine.RunMixin` as in the pretraining and linear-eval runs, a resume decided
+    by the main process and ``results.json``."""
 
     unsafe_weights = False  # set from the CLI's --unsafe
 
     def __init__(self, cfg: CfgNode) -> None:
-        """``DefaultTrainer.__init__`` (same steps, same order) with two differences: on CPU the
-        model is wrapped in DistributedDataParallel with ``device_ids=None`` (detectron2 passes
-        ``[local_rank]``, which DDP refuses for CPU modules), and the checkpointer is
-        :class:`SafeDetectionCheckpointer`, so the PeriodicCheckpointer hook uses it too."""
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        ddp_kwargs: dict[str, Any] = {"broadcast_buffers": False}
-        if cfg.MODEL.DEVICE == "cpu":
-            ddp_kwargs["device_ids"] = None
-        model = create_ddp_model(model, **ddp_kwargs)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), unsafe=self.unsafe_weights
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with _ddp_on_cpu_too():
+            super().__init__(cfg)
 
-    def resume_or_load(self, resume: bool = True) -> None:
-        """``DefaultTrainer.resume_or_load``, except that the main process decides whether and from
-        which checkpoint to resume, every process loads that one and they agree on its iteration
-        (:meth:`AtomicCheckpointer.resume_last`); else ``MODEL.WEIGHTS`` (weights only)."""
-        found = self.checkpointer.resume_last() if resume else None
-        if found is None:
-            self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
-        else:
-            # the checkpoint stores the iteration that just finished
-            self.start_iter = int(found[1]["iteration"]) + 1
+    def build_hooks(self) -> list[hooks.HookBase | None]:
+        """``DefaultTrainer.build_hooks``, with :attr:`checkpointer` (built by
+        ``DefaultTrainer.__init__`` just before) replaced by a :class:`SafeDetectionCheckpointer`
+        first, so that the PeriodicCheckpointer hook and resume use it."""
+        if not isinstance(self.checkpointer, SafeDetectionCheckpointer):
+            self.checkpointer = SafeDetectionCheckpointer(
+                self.model,
+                self.cfg.OUTPUT_DIR,
+                trainer=weakref.proxy(self),
+                unsafe=self.unsafe_weights,
+            )
+        return super().build_hooks()
+
+    def load_initial_weights(self) -> None:
+        """Without a checkpoint to resume: MODEL.WEIGHTS, the model only (as detectron2)."""
+        self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> COCOEvaluator:

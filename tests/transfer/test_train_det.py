@@ -93,6 +93,27 @@ def test_train_resume_and_eval_only(datasets, tmp_path):
     assert results(ev)["bbox"] == pytest.approx(results(out)["bbox"], abs=1e-6)
 
 
+def test_ddp_swap_is_scoped_to_default_trainer_init():
+    """Trainer.__init__ runs DefaultTrainer's with pretrain.engine.create_ddp_model (device_ids=None
+    on CPU) in place of detectron2's, and only during that call."""
+    from detectron2.engine import DefaultTrainer
+    from detectron2.engine import defaults
+
+    from pretrain.engine import create_ddp_model
+    from transfer.trainer import _ddp_on_cpu_too
+
+    # DefaultTrainer.__init__ reaches the function by its module-level name, which is swapped
+    assert "create_ddp_model" in DefaultTrainer.__init__.__code__.co_names
+    original = defaults.create_ddp_model
+    with pytest.raises(RuntimeError):
+        with _ddp_on_cpu_too():
+            assert defaults.create_ddp_model is create_ddp_model
+            raise RuntimeError
+    assert defaults.create_ddp_model is original
+    model = torch.nn.Linear(2, 2)
+    assert create_ddp_model(model, broadcast_buffers=False) is model  # one process: no DDP
+
+
 def _refused(r, *phrases):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
