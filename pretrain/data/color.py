@@ -9,6 +9,7 @@ from typing import (
     Any,
     Dict,
     List,
+    Optional,
     Tuple,
 )
 
@@ -127,18 +128,24 @@ def _hue_tables() -> Dict[str, Any]:
     p = np.floor(span[None, :] * (1.0 - fs[:, None].astype(np.float64)) + 0.5)  # [s, v]
     # first H of sectors 1..5 (H = 255 is sector 6 % 6 = 0)
     starts = tuple(int(np.argmax(sector == k)) for k in range(1, 6))
+    p = p.astype(np.uint8)
+    # S and hsv2rgb's p of every (max, max - min) in one uint16 (S low byte, p high byte), so
+    # that adjust_hue looks both up at once
+    sat_p = sat.astype(np.uint16) | (p[sat, vmax.reshape(-1)].astype(np.uint16) << 8)
     return {
         "hue": hue.reshape(-1),
         "sat": sat,
+        "sat_p": sat_p,
         "a": a.reshape(-1),
         "a24": a24.reshape(-1),
-        "p": p.astype(np.uint8).reshape(-1),
+        "p": p.reshape(-1),
         "starts": starts,
     }
 
 
-def _rgb_to_hsv(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, ...]:
-    """PIL's RGB -> HSV of flat uint8 planes, as uint8 planes ``(h, s, v)``."""
+def _rgb_to_hsvp(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """PIL's RGB -> HSV of flat uint8 planes, as uint8 planes ``(h, s, v, p)``, where ``p`` is
+    PIL's hsv2rgb ``round(v * (1 - s / 255))`` (independent of h, so a hue shift keeps it)."""
     t = _hue_tables()
     u8 = np.uint8
     vmax = np.maximum(np.maximum(r, g), b)
@@ -159,7 +166,15 @@ def _rgb_to_hsv(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray
     key <<= 8
     key |= cr
     h = t["hue"].take(key)
-    return h, t["sat"].take(_key16(vmax, cr)), vmax
+    s_p = t["sat_p"].take(_key16(vmax, cr)).view(u8).reshape(-1, 2)  # little-endian: (S, p)
+    low, high = (0, 1) if np.little_endian else (1, 0)
+    s, p = s_p[:, low].copy(), s_p[:, high].copy()  # contiguous: cheaper to use below
+    return h, s, vmax, p
+
+
+def _rgb_to_hsv(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """PIL's RGB -> HSV of flat uint8 planes, as uint8 planes ``(h, s, v)``."""
+    return _rgb_to_hsvp(r, g, b)[:3]
 
 
 def _key16(high: np.ndarray, low: np.ndarray) -> np.ndarray:
@@ -170,8 +185,11 @@ def _key16(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     return key
 
 
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, ...]:
-    """PIL's HSV -> RGB of flat uint8 planes, as uint8 planes ``(r, g, b)``."""
+def _hsv_to_rgb(
+    h: np.ndarray, s: np.ndarray, v: np.ndarray, p: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, ...]:
+    """PIL's HSV -> RGB of flat uint8 planes, as uint8 planes ``(r, g, b)`` (``p``: the plane
+    :func:`_rgb_to_hsvp` gives, if known)."""
     t = _hue_tables()
     u8 = np.uint8
     key = h.astype(np.intp)
@@ -182,21 +200,30 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray
     x += np.uint32(1 << 23)  # round half up = C's round() here (exhaustively tested)
     x >>= np.uint32(24)
     w = x.astype(u8)
-    p = t["p"].take(_key16(s, v))
-    vw = v - w
+    if p is None:
+        p = t["p"].take(_key16(s, v))
+    # the output is a permutation of (V, p, w) given by the sector of H (H = 255: sector 0):
+    # r: V in sectors 0, 5; p in 2, 3.  g: V in 1, 2; p in 4, 5.  b: V in 3, 4; p in 0, 1
+    # ge[k]: sector >= k (k = 1..5; H = 255 is counted in ge5 too, and `top` takes it out)
+    ge1, ge2, ge3, ge4, ge5 = (h >= k for k in t["starts"])
+    top = h == 255
+    vw = v - w  # channel = w + [is V] * (v - w) - [is p] * (w - p), in uint8 (mod 256, exact)
     wp = w - p
-    s1, s2, s3, s4, s5 = t["starts"]
-    lo1, lo2, lo3, lo4, lo5, top = h < s1, h < s2, h < s3, h < s4, h < s5, h == 255
     out = []
-    # per output channel: where it is V and where p (elsewhere w), by sector
-    # r: V in 0, 5; p in 2, 3.  g: V in 1, 2; p in 4, 5.  b: V in 3, 4; p in 0, 1 (H=255: 0)
-    for is_v, is_p in (
-        (lo1 | ~lo5, ~lo2 & lo4),
-        (~lo1 & lo3, ~lo4 & ~top),
-        (~lo3 & lo5, lo2 | top),
+    for not_v, is_v, is_p, not_p in (
+        (ge1 ^ ge5, None, ge2 ^ ge4, None),
+        (None, ge1 ^ ge3, ge4 ^ top, None),
+        (None, ge3 ^ ge5, None, ge2 ^ top),
     ):
-        c = w + is_v.view(u8) * vw
-        c -= is_p.view(u8) * wp
+        if not_v is not None:  # is V = not not_v
+            c = v - not_v.view(u8) * vw
+        else:
+            c = w + is_v.view(u8) * vw
+        if is_p is not None:
+            c -= is_p.view(u8) * wp
+        else:  # is p = not not_p (and never V there)
+            c -= wp
+            c += not_p.view(u8) * wp
         out.append(c)
     return tuple(out)
 
@@ -207,7 +234,8 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     if not -0.5 <= hue_factor <= 0.5:
         raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
     planes = [np.frombuffer(img.tobytes("raw", c), np.uint8) for c in "RGB"]
-    h, s, v = _rgb_to_hsv(*planes)
+    h, s, v, p = _rgb_to_hsvp(*planes)
     h += np.int32(hue_factor * 255).astype(np.uint8)  # torchvision's wrap-around shift
-    bands = [Image.frombuffer("L", img.size, c, "raw", "L", 0, 1) for c in _hsv_to_rgb(h, s, v)]
+    rgb = _hsv_to_rgb(h, s, v, p)
+    bands = [Image.frombuffer("L", img.size, c, "raw", "L", 0, 1) for c in rgb]
     return Image.merge("RGB", bands)

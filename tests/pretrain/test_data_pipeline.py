@@ -25,7 +25,7 @@ from pretrain.data import (
     normalize_uint8,
     open_rgb,
 )
-from pretrain.data.color import _hsv_to_rgb, _mean_grey, _rgb_to_hsv
+from pretrain.data.color import _hsv_to_rgb, _hue_tables, _mean_grey, _rgb_to_hsv, _rgb_to_hsvp
 from pretrain.data.datasets import _seeded
 from pretrain.methods import SiMo
 
@@ -206,9 +206,21 @@ def test_hsv_tables_are_pils_conversions_on_every_value():
         img = Image.fromarray(np.stack(planes, 1).reshape(1024, 1024, 3), "RGB")
         hsv = np.asarray(img.convert("HSV")).reshape(-1, 3)
         assert all(np.array_equal(a, hsv[:, i]) for i, a in enumerate(_rgb_to_hsv(*planes)))
+        # the p plane looked up with (S, V) is the one hsv2rgb computes from them
+        _, s, v, p = _rgb_to_hsvp(*planes)
+        assert np.array_equal(p, _hue_tables()["p"].reshape(256, 256)[s, v])
         rgb = np.asarray(Image.frombytes("HSV", (1024, 1024), img.tobytes()).convert("RGB"))
         rgb = rgb.reshape(-1, 3)
         assert all(np.array_equal(a, rgb[:, i]) for i, a in enumerate(_hsv_to_rgb(*planes)))
+
+
+def test_adjust_hue_is_torchvisions_on_every_colour():
+    # end to end (fused S / p lookup, fixed-point w, sector masks): all 2^24 colours
+    values = np.arange(1 << 24, dtype=np.uint32)
+    planes = [((values >> shift) & 255).astype(np.uint8) for shift in (16, 8, 0)]
+    img = Image.fromarray(np.stack(planes, 1).reshape(4096, 4096, 3), "RGB")
+    for h in (-0.1, 0.037, 0.1):
+        assert np.array_equal(np.asarray(adjust_hue(img, h)), np.asarray(TF.adjust_hue(img, h)))
 
 
 def _view(height, width):
