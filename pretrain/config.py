@@ -4,7 +4,8 @@
 "Recipes"); ``load_pretrain_cfg(file, opts)`` merges a YAML file
 (with its ``_BASE_`` chain) and ``KEY VALUE`` overrides and validates the result, turning every
 mistake into a one-sentence :class:`UserError` before any heavy work starts.
-``add_run_config`` adds the keys that linear evaluation (:mod:`pretrain.lincls`) shares.
+``add_run_config`` and ``add_datasets_config`` add the keys that linear evaluation
+(:mod:`pretrain.lincls`) shares.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ __all__ = [
     "PretrainCfgNode",
     "ARCHS",
     "add_pretrain_config",
+    "add_datasets_config",
     "add_run_config",
+    "check_dataset_split",
     "get_pretrain_cfg",
     "load_pretrain_cfg",
     "merge_config",
@@ -195,12 +198,9 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     cfg.INPUT.MIN_SCALE = 0.2
     cfg.INPUT.MAX_SCALE = 1.0
 
-    cfg.DATASETS = PretrainCfgNode()
-    # ImageFolder root holding <TRAIN_SPLIT>/<class>/*.jpg and <VAL_SPLIT>/<class>/*.jpg
-    cfg.DATASETS.ROOT = "datasets/imagenet"
-    cfg.DATASETS.TRAIN_SPLIT = "train"
-    # held-out split for the kNN monitor (TEST.KNN_PERIOD > 0)
-    cfg.DATASETS.VAL_SPLIT = "val"
+    # DATASETS: add_datasets_config; here VAL_SPLIT is read by the kNN monitor only
+    # (TEST.KNN_PERIOD > 0)
+    add_datasets_config(cfg)
 
     cfg.TEST = PretrainCfgNode()
     # run the weighted kNN monitor on DATASETS.VAL_SPLIT every this many iterations (0 = never)
@@ -248,6 +248,32 @@ def add_run_config(cfg: PretrainCfgNode, output_dir: str) -> None:
     cfg.LOG_PERIOD = 20
     # cudnn.benchmark (read by detectron2's default_setup)
     cfg.CUDNN_BENCHMARK = True
+
+
+def add_datasets_config(cfg: PretrainCfgNode) -> None:
+    """Add the DATASETS group every stage on ImageFolder data (pretraining, linear evaluation)
+    shares, with its defaults; what reads VAL_SPLIT is commented at each caller."""
+    cfg.DATASETS = PretrainCfgNode()
+    # ImageFolder root holding <TRAIN_SPLIT>/<class>/*.jpg and <VAL_SPLIT>/<class>/*.jpg
+    cfg.DATASETS.ROOT = "datasets/imagenet"
+    cfg.DATASETS.TRAIN_SPLIT = "train"
+    # the held-out split
+    cfg.DATASETS.VAL_SPLIT = "val"
+
+
+def check_dataset_split(cfg: PretrainCfgNode, key: str, fix: str = "") -> None:
+    """DATASETS.ROOT/<DATASETS.key> must be a folder; else one sentence naming the key and
+    ``fix`` (default: point DATASETS.ROOT at an ImageFolder root)."""
+    path = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS[key])
+    _need(
+        os.path.isdir(path),
+        f"DATASETS.ROOT/{key} {path} is not a folder; "
+        + (
+            fix
+            or "point DATASETS.ROOT at an ImageFolder root (e.g. datasets/shapes/imagefolder, "
+            "made by tools/make_shapes.py)."
+        ),
+    )
 
 
 def validate_run_config(cfg: PretrainCfgNode) -> None:
@@ -396,16 +422,10 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
     _need(cfg.TEST.RETRIEVAL_SIZE >= 0, "TEST.RETRIEVAL_SIZE must be >= 0 (0 = off).")
     validate_run_config(cfg)
     if check_paths:
-        train = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT)
-        _need(
-            os.path.isdir(train),
-            f"DATASETS.ROOT/TRAIN_SPLIT {train} is not a folder; point DATASETS.ROOT at an "
-            "ImageFolder root (e.g. datasets/shapes/imagefolder, made by tools/make_shapes.py).",
-        )
+        check_dataset_split(cfg, "TRAIN_SPLIT")
         if cfg.TEST.KNN_PERIOD > 0:
-            val = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT)
-            _need(
-                os.path.isdir(val),
-                f"DATASETS.ROOT/VAL_SPLIT {val} is not a folder; it is needed by the kNN monitor "
-                "(set TEST.KNN_PERIOD 0 to disable it).",
+            check_dataset_split(
+                cfg,
+                "VAL_SPLIT",
+                "it is needed by the kNN monitor (set TEST.KNN_PERIOD 0 to disable it).",
             )

@@ -4,17 +4,18 @@ and validation.
 ``load_lincls_cfg(file, opts)`` merges a YAML file (with its ``_BASE_`` chain) and ``KEY VALUE``
 overrides into :func:`get_lincls_cfg`'s defaults and validates the result; every mistake is one
 :class:`pretrain.io.UserError` sentence naming the key. The keys shared with pretraining
-(DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD, CUDNN_BENCHMARK) come from
-:func:`pretrain.config.add_run_config`.
+come from :func:`pretrain.config.add_datasets_config` (DATASETS) and
+:func:`pretrain.config.add_run_config` (DATALOADER, OUTPUT_DIR, NAME, SEED, LOG_PERIOD,
+CUDNN_BENCHMARK).
 """
 from __future__ import annotations
-
-import os
 
 from pretrain.config import (
     ARCHS,
     PretrainCfgNode,
+    add_datasets_config,
     add_run_config,
+    check_dataset_split,
     merge_config,
     validate_run_config,
 )
@@ -37,11 +38,9 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     # shorter side before the val center crop; 0 = round(SIZE * 256 / 224) (256 for 224)
     cfg.INPUT.RESIZE = 0
 
-    cfg.DATASETS = PretrainCfgNode()
-    # ImageFolder root holding <TRAIN_SPLIT>/<class>/*.jpg and <VAL_SPLIT>/<class>/*.jpg
-    cfg.DATASETS.ROOT = "datasets/imagenet"
-    cfg.DATASETS.TRAIN_SPLIT = "train"
-    cfg.DATASETS.VAL_SPLIT = "val"
+    # DATASETS: add_datasets_config in pretrain/config.py; the fc is trained on TRAIN_SPLIT and
+    # evaluated (top-1/top-5, kNN) on VAL_SPLIT
+    add_datasets_config(cfg)
 
     cfg.SOLVER = PretrainCfgNode()
     # global batch over all processes
@@ -138,11 +137,6 @@ def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     )
     validate_run_config(cfg)
     if check_paths:
-        for key in ("TRAIN_SPLIT", "VAL_SPLIT"):
-            path = os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS[key])
-            _need(
-                os.path.isdir(path),
-                f"DATASETS.ROOT/{key} {path} is not a folder; point DATASETS.ROOT at an "
-                "ImageFolder root (e.g. datasets/shapes/imagefolder from tools/make_shapes.py).",
-            )
+        check_dataset_split(cfg, "TRAIN_SPLIT")
+        check_dataset_split(cfg, "VAL_SPLIT")
 
