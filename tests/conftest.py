@@ -1,6 +1,18 @@
 """Shared by every test module."""
+import os
+import sys
+
 import pytest
 import torch
+
+import pretrain  # noqa: F401  (before tools/ goes on the path, below)
+
+# The experiment code of tools/sweep.py and tools/mi_toy.py (tools/experiments/, not installed)
+# is imported as those tools import it, `from experiments.X import ...`: tools/ is last on the
+# path, after the `pretrain` package was imported (tools/pretrain.py cannot shadow it then).
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
 
 
 @pytest.fixture(autouse=True)

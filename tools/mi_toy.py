@@ -21,17 +21,12 @@ import torch  # noqa: E402
 
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
 
-# the experiment code beside this file (tools/experiments/, not installed): tools/ is on the path
-# for this import only, after the `pretrain` package is imported
-_ADDED = _TOOLS not in sys.path
-if _ADDED:
+# the experiment code beside this file (tools/experiments/, not installed): tools/ goes back on
+# the path, last, now that the `pretrain` package is imported
+if _TOOLS not in sys.path:
     sys.path.append(_TOOLS)
-try:
-    from experiments.mi_toy import MIToyConfig
-    from experiments.mi_toy_report import run_and_write
-finally:
-    if _ADDED:
-        sys.path.remove(_TOOLS)
+from experiments.mi_toy import MIToyConfig  # noqa: E402
+from experiments.mi_toy_report import run_and_write  # noqa: E402
 
 
 @exit_on_user_error

@@ -34,17 +34,12 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
 
-# the experiment code beside this file (tools/experiments/, not installed): tools/ is on the path
-# for this import only, after the `pretrain` package is imported
-_ADDED = _TOOLS not in sys.path
-if _ADDED:
+# the experiment code beside this file (tools/experiments/, not installed): tools/ goes back on
+# the path, last, now that the `pretrain` package is imported
+if _TOOLS not in sys.path:
     sys.path.append(_TOOLS)
-try:
-    from experiments.ksweep_plan import SWEEP_LOSSES, plan_sweep
-    from experiments.ksweep_run import run_sweep
-finally:
-    if _ADDED:
-        sys.path.remove(_TOOLS)
+from experiments.ksweep_plan import SWEEP_LOSSES, plan_sweep  # noqa: E402
+from experiments.ksweep_run import run_sweep  # noqa: E402
 
 
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")

@@ -6,26 +6,18 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 from pretrain.losses import eqco, infonce
 
+# the experiment code beside the tools (tools/experiments/): tests/conftest.py puts tools/ on
+# the path as tools/sweep.py and tools/mi_toy.py do
+from experiments.mi_toy import BatchedCritics, MIToyConfig, _sample, pair_logits, rho_for_mi
+from experiments.mi_toy import run_grid
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = os.path.join(ROOT, "tools")
-# the experiment code beside the tools, imported as tools/mi_toy.py does: tools/ on the path for
-# this import only (tools/pretrain.py would shadow the `pretrain` package)
-_ADDED = TOOLS not in sys.path
-if _ADDED:
-    sys.path.append(TOOLS)
-try:
-    from experiments.mi_toy import BatchedCritics, MIToyConfig, _sample, pair_logits, rho_for_mi
-    from experiments.mi_toy import run_grid
-finally:
-    if _ADDED:
-        sys.path.remove(TOOLS)
 
 torch.set_num_threads(1)
 

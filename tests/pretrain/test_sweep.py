@@ -23,20 +23,14 @@ from pretrain.grad_norm import QueryGradNormHook
 from pretrain.io import UserError
 from pretrain.methods import build_method
 
+# the experiment code beside the tools (tools/experiments/): tests/conftest.py puts tools/ on
+# the path as tools/sweep.py and tools/mi_toy.py do
+from experiments.ksweep_plan import SweepBaseline, plan_sweep
+from experiments.ksweep_results import CSV_COLUMNS
+from experiments.ksweep_run import run_sweep, write_random_init
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(ROOT, "tools")
-# the experiment code beside the tools, imported as tools/sweep.py does: tools/ on the path for
-# this import only (tools/pretrain.py would shadow the `pretrain` package)
-_ADDED = TOOLS not in sys.path
-if _ADDED:
-    sys.path.append(TOOLS)
-try:
-    from experiments.ksweep_plan import SweepBaseline, plan_sweep
-    from experiments.ksweep_results import CSV_COLUMNS
-    from experiments.ksweep_run import run_sweep, write_random_init
-finally:
-    if _ADDED:
-        sys.path.remove(TOOLS)
 
 LINCLS_CFG = os.path.join(ROOT, "configs", "lincls", "shapes_cpu.yaml")
 SWEEP_CFG = os.path.join(ROOT, "configs", "pretrain", "sweep_shapes_cpu.yaml")
@@ -206,7 +200,8 @@ def test_baseline_is_planned_per_seed_with_the_cells_linear_eval(shapes, tmp_pat
     spec = importlib.util.spec_from_file_location("sweep_cli", os.path.join(ROOT, "tools/sweep.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert TOOLS not in sys.path  # on the path for the import of tools/experiments only
+    # tools/ is on the path (for tools/experiments) but tools/pretrain.py never shadows the package
+    assert os.path.basename(cli.pretrain.__file__) == "__init__.py"
     planned = []
 
     def fake_run_sweep(plan, train=True):
