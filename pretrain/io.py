@@ -19,6 +19,7 @@ __all__ = [
     "atomic_open",
     "atomic_save",
     "atomic_write_text",
+    "save_figure",
     "read_json",
     "read_metrics",
     "remove_stale_temp_files",
@@ -80,6 +81,19 @@ def atomic_write_text(path: str, text: str) -> None:
     """Write a text file (``last_checkpoint``, ``results.json``) through :func:`atomic_open`."""
     with atomic_open(path) as f:
         f.write(text)
+
+
+def save_figure(fig: Any, path: str, dpi: int) -> None:
+    """Lay a matplotlib figure out, write it as a PNG through :func:`atomic_open` and close it
+    (also when drawing or writing fails)."""
+    import matplotlib.pyplot as plt  # the figure's own: matplotlib is imported already
+
+    try:
+        fig.tight_layout()
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def read_json(path: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from pretrain.io import atomic_open
+from pretrain.io import save_figure
 
 from .ksweep_plan import unique
 from .ksweep_results import baseline_top1, loss_label, split_rows, summarize
@@ -58,10 +58,5 @@ def write_plot(rows: List[Dict[str, Any]], path: str) -> str:
             ax.legend()
     axes[0].set_title("top-1 vs K")
     axes[1].set_title("gradient norm w.r.t. q vs K")
-    fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

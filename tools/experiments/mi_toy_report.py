@@ -11,7 +11,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
-from pretrain.io import UserError, atomic_open, atomic_write_text
+from pretrain.io import UserError, atomic_open, atomic_write_text, save_figure
 
 from .mi_toy import LOSS_NAMES, MIToyConfig, run_grid
 
@@ -77,12 +77,7 @@ def plot_estimates(records: Sequence[dict], cfg: MIToyConfig, path: str) -> None
     axes[0].set_ylabel("MI estimate (nats)")
     for ax in axes:
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run_and_write(

@@ -1,8 +1,8 @@
 """Draws the report's plots from the runs' metrics.json and the rows: ``ap_bars.png``,
 ``pretrain_loss.png``, ``detection_curves.png`` and ``pretrain_health.png``.
 
-Each ``plot_*`` function writes its PNG through ``pretrain.io.atomic_open`` and returns whether it
-drew anything (nothing is written when no run has the data).
+Each ``plot_*`` function writes its PNG through ``pretrain.io.save_figure`` (atomic) and returns
+whether it drew anything (nothing is written when no run has the data).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.io import atomic_open, read_metrics
+from pretrain.io import read_metrics, save_figure
 from transfer.report.runs import Run, as_count, as_number, config_knn
 from transfer.report.tables import format_value
 
@@ -35,16 +35,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig: Any, path: str, dpi: int) -> None:
-    """Lay ``fig`` out, write it as a PNG through atomic_open and close it."""
-    try:
-        fig.tight_layout()
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-    finally:
-        _pyplot().close(fig)
 
 
 def _curve(ax: Any, points: list[tuple[int, float]], **kwargs: Any) -> None:
@@ -88,7 +78,7 @@ def plot_ap_bars(rows: list[dict[str, Any]], path: str) -> bool:
     ax.set_ylabel("box AP (%)")
     ax.set_title("Detection transfer: box AP per pre-training (hatched: paper)")
     ax.legend(fontsize=8)
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return True
 
 
@@ -123,7 +113,7 @@ def plot_pretrain_losses(runs: list[Run], path: str) -> bool:
     ax.set_ylabel("training loss")
     ax.set_title("Pretraining loss")
     ax.legend(fontsize=8)
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return True
 
 
@@ -147,7 +137,7 @@ def plot_detection_curves(runs: list[Run], path: str) -> bool:
     for ax in (ax_loss, ax_ap):
         if ax.lines:
             ax.legend(fontsize=8)
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return True
 
 
@@ -272,5 +262,5 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
     for ax in flat[len(panels):]:
         ax.remove()
     fig.suptitle("Pretraining health")
-    _save(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return HealthPlot(series, {label: value for label, value, _, _ in baselines}, notes)
