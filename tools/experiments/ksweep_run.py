@@ -37,33 +37,23 @@ def _last_iteration(metrics_path: str) -> Optional[int]:
 
 
 def _run_stage(
-    cmd: List[str], log_path: str, describe: str, on_poll: Optional[Callable[[], None]] = None
-) -> float:
-    """Run one stage as a subprocess (its output to ``log_path``); returns its wall time.
+    cmd: List[str],
+    log_path: str,
+    describe: str,
+    on_poll: Optional[Callable[[], None]],
+    timing: str,
+    timing_key: str,
+) -> None:
+    """Run one stage as a subprocess (its output to ``log_path``); its wall time, finished or not,
+    accumulates under ``timing_key`` in the JSON file ``timing`` (over attempts).
 
     A failure raises :class:`UserError` with the last lines of the stage's output."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=2.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if on_poll is not None:
-                        on_poll()
-        except BaseException:  # Ctrl-C: stop the child too; the cell resumes next time
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-    seconds = time.perf_counter() - start
+    try:
+        rc = _run_logged(cmd, log_path, on_poll)
+    finally:
+        _add_seconds(timing, timing_key, time.perf_counter() - start)
     if rc != 0:
         with open(log_path, errors="replace") as f:
             tail = "".join(f.readlines()[-5:]).strip()
@@ -71,7 +61,29 @@ def _run_stage(
             f"{describe} failed (exit status {rc}); its output is in {log_path}; "
             f"last lines:\n{tail}"
         )
-    return seconds
+
+
+def _run_logged(cmd: List[str], log_path: str, on_poll: Optional[Callable[[], None]]) -> int:
+    """``cmd`` with its output appended to ``log_path``, ``on_poll()`` every 2 s; its exit
+    status. An interrupt (Ctrl-C) stops the child too; the cell resumes next time."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    if on_poll is not None:
+                        on_poll()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
 
 
 def _add_seconds(path: str, key: str, seconds: float) -> None:
@@ -100,16 +112,14 @@ def run_cell(
                 it = _last_iteration(metrics)
                 on_poll(f"{cell.name}: pretraining" + (f", iteration {it}" if it else ""))
 
-        start = time.perf_counter()
-        try:
-            _run_stage(
-                plan.pretrain_cmds[cell.name],
-                os.path.join(cell_dir, "pretrain.out"),
-                f"pretraining of cell {cell.name}",
-                poll_pretrain,
-            )
-        finally:
-            _add_seconds(timing, "pretrain_seconds", time.perf_counter() - start)
+        _run_stage(
+            plan.pretrain_cmds[cell.name],
+            os.path.join(cell_dir, "pretrain.out"),
+            f"pretraining of cell {cell.name}",
+            poll_pretrain,
+            timing,
+            "pretrain_seconds",
+        )
     _run_lincls(plan, cell, f"cell {cell.name}", on_poll)
 
 
@@ -121,18 +131,14 @@ def _run_lincls(
     entry_dir = plan.entry_dir(entry)
     if on_poll is not None:
         on_poll(f"{entry.name}: linear eval")
-    start = time.perf_counter()
-    try:
-        _run_stage(
-            plan.lincls_cmds[entry.name],
-            os.path.join(entry_dir, "lincls.out"),
-            f"linear evaluation of {what}",
-            (lambda: on_poll(f"{entry.name}: linear eval")) if on_poll else None,
-        )
-    finally:
-        _add_seconds(
-            os.path.join(entry_dir, "timing.json"), "lincls_seconds", time.perf_counter() - start
-        )
+    _run_stage(
+        plan.lincls_cmds[entry.name],
+        os.path.join(entry_dir, "lincls.out"),
+        f"linear evaluation of {what}",
+        (lambda: on_poll(f"{entry.name}: linear eval")) if on_poll else None,
+        os.path.join(entry_dir, "timing.json"),
+        "lincls_seconds",
+    )
 
 
 def write_random_init(arch: str, seed: int, path: str) -> str:
