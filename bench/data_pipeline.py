@@ -20,7 +20,8 @@ the same files in the same order, and both collate their views into batches of `
 images (``default_collate``, as a loader worker does; ``--batch 0`` leaves it out). They are timed
 in ``--rounds`` alternating blocks of ``seconds / rounds`` each (so background load hits both
 alike); an image = decode + both views. Prints one JSON line per pipeline (``name``,
-``images_per_s``, ...) and appends a table to bench/results.md (bench/common.py).
+``images_per_s``, ``cpu_ms_per_image`` (thread CPU time), ...; ours adds both ratios and the
+load average) and appends a table to bench/results.md (bench/common.py).
 
 Without ``--images`` the input is made here: the colour photographs scikit-image ships
 (astronaut, coffee, chelsea, rocket, the two motorcycle stereo views), 8 crops of each (random 4:3
@@ -155,11 +156,12 @@ class Runner:
         self.pos = 0
         self.images = 0
         self.seconds = 0.0
+        self.cpu_seconds = 0.0  # this thread's CPU time: what other processes' load inflates less
         self.pending = []
         self.bytes_per_image = None
 
     def run_for(self, seconds: float) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         while True:
             path = self.paths[self.pos % len(self.paths)]
             views = self.fn(path, 1000003 * self.pos)
@@ -175,6 +177,7 @@ class Runner:
             if time.perf_counter() - start >= seconds:
                 break
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.thread_time() - cpu_start
 
     @property
     def images_per_s(self) -> float:
@@ -234,10 +237,12 @@ def main(argv=None) -> dict:
         ]
         for r in runners:  # warm-up (imports, hue tables, file cache)
             r.run_for(0.5)
-            r.images, r.seconds = 0, 0.0
+            r.images, r.seconds, r.cpu_seconds = 0, 0.0, 0.0
+        load_start = os.getloadavg()[0]
         for _ in range(args.rounds):
             for r in runners:
                 r.run_for(args.seconds / args.rounds)
+        load_end = os.getloadavg()[0]
         drafts = draft_histogram(paths, args.size)
 
     ref, our = runners
@@ -247,6 +252,7 @@ def main(argv=None) -> dict:
             "name": r.name,
             "images_per_s": round(r.images_per_s, 1),
             "ms_per_image": round(1000.0 / r.images_per_s, 3),
+            "cpu_ms_per_image": round(1000.0 * r.cpu_seconds / r.images, 3),
             "images": r.images,
             "seconds": round(r.seconds, 2),
             "size": args.size,
@@ -255,6 +261,10 @@ def main(argv=None) -> dict:
         }
         if r is our:
             line["ratio_to_reference"] = round(our.images_per_s / ref.images_per_s, 3)
+            line["cpu_ratio_to_reference"] = round(
+                ref.cpu_seconds / ref.images / (our.cpu_seconds / our.images), 3
+            )
+            line["load_average"] = [round(load_start, 2), round(load_end, 2)]
             line["jpeg_reduction"] = drafts
         print(json.dumps(line), flush=True)
         results[r.name] = line
@@ -265,6 +275,9 @@ def main(argv=None) -> dict:
             f"{ref.images_per_s:.1f} | {our.images_per_s:.1f} | {ratio:.2f} |",
             f"| ms per image | {1000 / ref.images_per_s:.2f} | {1000 / our.images_per_s:.2f} | "
             f"{ref.images_per_s / our.images_per_s:.2f} |",
+            f"| CPU ms per image (thread time) | {1000 * ref.cpu_seconds / ref.images:.2f} | "
+            f"{1000 * our.cpu_seconds / our.images:.2f} | "
+            f"{(our.cpu_seconds / our.images) / (ref.cpu_seconds / ref.images):.2f} |",
             f"| bytes per image (2 views) | {ref.bytes_per_image} | {our.bytes_per_image} | "
             f"{our.bytes_per_image / ref.bytes_per_image:.2f} |",
         ]
@@ -276,6 +289,9 @@ def main(argv=None) -> dict:
             f"one thread, no workers, {args.rounds} alternating blocks of "
             f"{args.seconds / args.rounds:.1f} s per pipeline, collated in batches of "
             f"{args.batch or 'none'}; JPEG reductions chosen by ours: {drafts}",
+            f"1-minute load average {load_start:.2f} at the start, {load_end:.2f} at the end "
+            f"({os.cpu_count()} cores; above ~1 other processes shared the cores, which slows "
+            "both pipelines, ours more: compare ratios from runs on an idle machine)",
         ]
         name = "data_pipeline.py: MoCo v2 aug+ input pipeline"
         append_result(name, [(RATIO_HEADER, rows)], notes)
