@@ -290,8 +290,8 @@ def main(argv=None) -> dict:
             f"{args.seconds / args.rounds:.1f} s per pipeline, collated in batches of "
             f"{args.batch or 'none'}; JPEG reductions chosen by ours: {drafts}",
             f"1-minute load average {load_start:.2f} at the start, {load_end:.2f} at the end "
-            f"({os.cpu_count()} cores; above ~1 other processes shared the cores, which slows "
-            "both pipelines, ours more: compare ratios from runs on an idle machine)",
+            f"({os.cpu_count()} cores; a load above ~1 means other processes shared them, which "
+            "slows both pipelines, ours more: compare ratios from runs on an idle machine)",
         ]
         name = "data_pipeline.py: MoCo v2 aug+ input pipeline"
         append_result(name, [(RATIO_HEADER, rows)], notes)
