@@ -14,7 +14,7 @@ $(STAMP): setup.py tools/install_detectron2.sh
 	@echo "[install] torch, torchvision and the pure-Python dependencies into $(VENV) (first time: a few minutes)"
 	$(PY) -m pip install -q 'setuptools<81' wheel
 	$(PY) -m pip install -q 'setuptools<81' torch==2.14.1 torchvision==0.29.1 fvcore iopath pycocotools \
-		tensorboard tqdm matplotlib pyyaml submitit pytest lightly scikit-image
+		tensorboard tqdm matplotlib pyyaml opencv-python-headless submitit pytest lightly scikit-image
 	PYTHON=$(PY) bash tools/install_detectron2.sh
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)

@@ -18,6 +18,9 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        # the aug+ Gaussian blur (pretrain.data.gaussian_blur); detectron2 needs it too, and
+        # tools/install_detectron2.sh installs the same package (headless: no GUI libraries)
+        "opencv-python-headless",
         # SLURM submission with requeue on preemption (tools/submit.py)
         "submitit",
     ],

@@ -6,8 +6,10 @@
 
 * **ours**: ``TwoCropsTransform(moco_v2_transform(size)).load(path)`` under a per-sample seed, as
   ``RobustImageFolder`` runs it in a training loader: crops drawn from the JPEG header, one decode
-  (reduced when both crops allow it), the exact-but-faster colour ops, uint8 ``[3, size, size]``
-  views (normalised later on the device);
+  (reduced when both crops allow it), the exact-but-faster colour ops, the blur as a true
+  Gaussian of the same sigma through OpenCV (one thread) where MoCo uses PIL's box approximation
+  (docs/methods.md, "Augmentation"), uint8 ``[3, size, size]`` views (normalised later on the
+  device);
 * **moco_reference**: facebookresearch/moco ``main_moco.py`` aug+ as written there: torchvision's
   ``RandomResizedCrop(size, scale=(0.2, 1.))``, ``RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)],
   p=0.8)``, ``RandomGrayscale(p=0.2)``, ``RandomApply([moco.loader.GaussianBlur([.1, 2.])],
@@ -285,7 +287,7 @@ def main(argv=None) -> dict:
             f"input: {source} ({len(paths)} files, mean size {mean_size[0]}x{mean_size[1]})",
             "reference = facebookresearch/moco main_moco.py aug+ (torchvision, PIL decode of the "
             "full image, ToTensor + Normalize float32); ours = TwoCropsTransform(moco_v2_transform"
-            "(size)).load under a per-sample seed (uint8 views)",
+            "(size)).load under a per-sample seed (uint8 views, OpenCV Gaussian blur)",
             f"one thread, no workers, {args.rounds} alternating blocks of "
             f"{args.seconds / args.rounds:.1f} s per pipeline, collated in batches of "
             f"{args.batch or 'none'}; JPEG reductions chosen by ours: {drafts}",
