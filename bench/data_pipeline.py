@@ -287,7 +287,8 @@ def main(argv=None) -> dict:
             f"input: {source} ({len(paths)} files, mean size {mean_size[0]}x{mean_size[1]})",
             "reference = facebookresearch/moco main_moco.py aug+ (torchvision, PIL decode of the "
             "full image, ToTensor + Normalize float32); ours = TwoCropsTransform(moco_v2_transform"
-            "(size)).load under a per-sample seed (uint8 views, OpenCV Gaussian blur)",
+            "(size)).load under a per-sample seed (uint8 views, OpenCV Gaussian blur and HSV "
+            "converters)",
             f"one thread, no workers, {args.rounds} alternating blocks of "
             f"{args.seconds / args.rounds:.1f} s per pipeline, collated in batches of "
             f"{args.batch or 'none'}; JPEG reductions chosen by ours: {drafts}",

@@ -16,17 +16,20 @@ Public API (also used by :mod:`pretrain.lincls`):
   :func:`lincls_train_transform` -- the MoCo v2 "aug+" recipe and the linear-evaluation
   transforms (docs/methods.md, "Augmentation").
 * The pretraining input pipeline, ``TwoCropsTransform(moco_v2_transform(size))``
-  (``bench/data_pipeline.py``: 1.90-2.03x MoCo's images/s per core on 500 x 375 JPEGs at 224 px on a
-  loaded machine, 140-163 images/s; 1.88x at 112 px), keeps aug+: every random draw is torchvision's
-  (same calls, same order, same numbers for a seed) and every op but the blur gives torchvision's
-  bytes (:class:`MoCoV2Augment`, tested). The blur is a true Gaussian of the drawn sigma (OpenCV,
-  :func:`gaussian_blur`, one thread) where MoCo uses PIL's box approximation of it: 0.32 grey levels
-  mean difference per pixel, an order of magnitude below the difference between two sigma draws
-  (docs/methods.md, "Augmentation"). It is faster by (1) drawing both views' parameters from the
+  (``bench/data_pipeline.py``: 2.30x MoCo's images/s per core on 500 x 375 JPEGs at 224 px on an
+  idle machine, 187 images/s; 1.97x at 112 px), keeps aug+: every random draw is torchvision's
+  (same calls, same order, same numbers for a seed) and every op but the blur and the hue gives
+  torchvision's bytes (:class:`MoCoV2Augment`, tested). The blur is a true Gaussian of the drawn
+  sigma (OpenCV, :func:`gaussian_blur`, one thread) where MoCo uses PIL's box approximation of
+  it: 0.32 grey levels mean difference per pixel, an order of magnitude below the difference
+  between two sigma draws
+  (docs/methods.md, "Augmentation"); the hue step converts RGB <-> 8-bit HSV with OpenCV instead of
+  PIL, which rounds differently (0.3-0.6 grey levels on photos, as large as either converter's
+  own round-trip error). It is faster by (1) drawing both views' parameters from the
   file header first, then decoding a JPEG once, reduced by 2/4/8 only when both crops still span >=
   the output size in the reduced image (:meth:`MoCoV2Augment.draft_factor`: there pixels can differ,
-  by the filtering); (2) exact re-implementations of the costly PIL colour ops (hue via tables of
-  PIL's own HSV conversion, brightness / contrast as one lookup); (3) uint8 views, normalised on the
+  by the filtering); (2) brightness / contrast as one exact lookup each, hue through
+  OpenCV's HSV converters (4x faster than PIL's); (3) uint8 views, normalised on the
   device (:func:`normalize_uint8`, called by :meth:`pretrain.methods.ContrastiveMethod.forward`);
   (4) OpenCV's blur, 4-9x faster than PIL's, on a grey view's single band; the flip is done by the
   planar copy, and :meth:`MoCoV2Augment.sample` makes torchvision's draws without its per-call

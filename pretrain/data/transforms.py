@@ -22,7 +22,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from pretrain.data.color import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from pretrain.data.color import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    cv2_module,
+)
 from pretrain.data.datasets import IMAGENET_MEAN, IMAGENET_STD, open_rgb, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -57,24 +63,6 @@ def moco_v2_transform(
     return MoCoV2Augment(size, scale, mean, std)
 
 
-_CV2: Any = None
-
-
-def _cv2() -> Any:
-    """OpenCV, imported on first use and set to one thread (``cv2.setNumThreads(1)``) in the
-    process that blurs: a loader worker is one process per core already (as
-    ``torch.set_num_threads(1)`` in the loader's ``worker_init_fn``), a main process that loads
-    (``num_workers=0``) leaves its other cores to the model, and the bench times one core.
-    Processes that never blur (detectron2's, which import OpenCV too) keep their setting."""
-    global _CV2
-    if _CV2 is None:
-        import cv2
-
-        cv2.setNumThreads(1)
-        _CV2 = cv2
-    return _CV2
-
-
 def blur_kernel_size(sigma: float) -> int:
     """The odd kernel width of :func:`gaussian_blur`: ``2 * ceil(3 sigma) + 1`` (+-3 sigma, what
     OpenCV itself picks for 8-bit images; +-4 sigma is 1.4x slower at sigma 2 and changes a view
@@ -92,7 +80,7 @@ def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
     ``BORDER_REFLECT_101``). It is 4-9x
     faster than PIL's ``GaussianBlur`` on a 224 px RGB view (sigma 2 / 1); how its output
     differs from PIL's (MoCo's) is in docs/methods.md, "Augmentation"."""
-    cv2 = _cv2()
+    cv2 = cv2_module()
     k = blur_kernel_size(sigma)
     return cv2.GaussianBlur(
         array, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT

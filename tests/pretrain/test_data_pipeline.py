@@ -29,16 +29,32 @@ from pretrain.data import (
     normalize_uint8,
     open_rgb,
 )
-from pretrain.data.color import _hsv_to_rgb, _hue_tables, _mean_grey, _rgb_to_hsv, _rgb_to_hsvp
+from pretrain.data.color import _mean_grey
 from pretrain.data.datasets import _seeded
 from pretrain.data.transforms import blur_kernel_size
 from pretrain.methods import SiMo
 
 
+def cv_hue(img, h):
+    """The hue step written out: OpenCV's RGB -> HSV_FULL (H in 0-255, as PIL's HSV), H shifted
+    as torchvision shifts it, back to RGB."""
+    hsv = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.int32(h * 255).astype(np.uint8)
+    return Image.fromarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL))
+
+
+@pytest.fixture
+def opencv_hue(monkeypatch):
+    """torchvision's ColorJitter with the hue step of the pipeline (:func:`cv_hue`), whose
+    difference to PIL's converters is test_adjust_hue_is_close_to_torchvisions_on_every_colour's."""
+    monkeypatch.setattr(TF, "adjust_hue", cv_hue)
+
+
 def torchvision_aug_plus(size, scale=(0.2, 1.0)):
     """The former moco_v2_transform: torchvision's Compose of MoCo v2 aug+, with our blur step
     (pretrain.data.GaussianBlur: OpenCV's true Gaussian on the PIL image, where MoCo has PIL's
-    box approximation; that difference is test_blur_is_close_to_pils_box_blur's)."""
+    box approximation; that difference is test_blur_is_close_to_pils_box_blur's). With the
+    ``opencv_hue`` fixture, its hue step is the pipeline's too."""
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=scale),
@@ -68,7 +84,7 @@ def _images():
     return [_photo(500, 375), _photo(120, 160)] + noise
 
 
-def test_aug_plus_is_torchvision_compose_bit_for_bit():
+def test_aug_plus_is_torchvision_compose_bit_for_bit(opencv_hue):
     # same random draws in the same order, same bytes from every op, same normalisation
     for size in (64, 24):
         ours, ref = moco_v2_transform(size), torchvision_aug_plus(size)
@@ -83,7 +99,7 @@ def test_aug_plus_is_torchvision_compose_bit_for_bit():
                 assert torch.equal(after_ours, after_ref)  # the RNG stream moved alike
 
 
-def test_two_crops_give_uint8_views_that_normalise_to_the_float_pipeline():
+def test_two_crops_give_uint8_views_that_normalise_to_the_float_pipeline(opencv_hue):
     two, ref = TwoCropsTransform(moco_v2_transform(32)), TwoCropsTransform(torchvision_aug_plus(32))
     assert two.uint8
     for img in _images():
@@ -108,7 +124,7 @@ def test_colour_ops_give_torchvision_bytes():
         assert np.array_equal(np.asarray(adjust_brightness(img, f)), TF.adjust_brightness(img, f))
         assert np.array_equal(np.asarray(adjust_contrast(img, f)), TF.adjust_contrast(img, f))
     for h in (-0.5, -0.1, -0.013, 0.0, 0.05, 0.1, 0.5):
-        assert np.array_equal(np.asarray(adjust_hue(img, h)), TF.adjust_hue(img, h))
+        assert np.array_equal(np.asarray(adjust_hue(img, h)), np.asarray(cv_hue(img, h)))
     with pytest.raises(ValueError):
         adjust_hue(img, 0.6)
 
@@ -119,7 +135,7 @@ def _plain_render(aug, img, view):
     out = TF.resized_crop(img, top, left, h, w, [aug.size, aug.size], antialias=True)
     if view.jitter is not None:
         order, *factors = view.jitter
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, cv_hue)
         for k in order:
             out = ops[k](out, factors[k])
     if view.gray:
@@ -137,7 +153,7 @@ def _plain_render(aug, img, view):
 
 def test_render_fast_paths_equal_the_plain_ops():
     # grey views as one L band, blurred colour views as arrays, the flip in the planar copy,
-    # hue in fixed point, contrast's mean from the histogram: the bytes of the plain RGB ops
+    # contrast's mean from the histogram: the bytes of the plain RGB ops
     photo = _photo(500, 375)
     for size in (224, 37):
         aug = MoCoV2Augment(size)
@@ -245,30 +261,30 @@ def test_mean_grey_is_imagestat_rounded():
         assert _mean_grey(img) == int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
 
 
-def test_hsv_tables_are_pils_conversions_on_every_value():
-    # exhaustive: all 2^24 RGB colours and all 2^24 HSV triples, in chunks of 2^20
-    values = np.arange(1 << 24, dtype=np.uint32)
-    for start in range(0, 1 << 24, 1 << 20):
-        v = values[start : start + (1 << 20)]
-        planes = [((v >> shift) & 255).astype(np.uint8) for shift in (16, 8, 0)]
-        img = Image.fromarray(np.stack(planes, 1).reshape(1024, 1024, 3), "RGB")
-        hsv = np.asarray(img.convert("HSV")).reshape(-1, 3)
-        assert all(np.array_equal(a, hsv[:, i]) for i, a in enumerate(_rgb_to_hsv(*planes)))
-        # the p plane looked up with (S, V) is the one hsv2rgb computes from them
-        _, s, v, p = _rgb_to_hsvp(*planes)
-        assert np.array_equal(p, _hue_tables()["p"].reshape(256, 256)[s, v])
-        rgb = np.asarray(Image.frombytes("HSV", (1024, 1024), img.tobytes()).convert("RGB"))
-        rgb = rgb.reshape(-1, 3)
-        assert all(np.array_equal(a, rgb[:, i]) for i, a in enumerate(_hsv_to_rgb(*planes)))
-
-
-def test_adjust_hue_is_torchvisions_on_every_colour():
-    # end to end (fused S / p lookup, fixed-point w, sector masks): all 2^24 colours
+def test_adjust_hue_is_close_to_torchvisions_on_every_colour():
+    # all 2^24 colours: OpenCV's and PIL's 8-bit HSV converters round differently, and each is
+    # as close to exact as the other (the round trip at shift 0 is not the identity for either)
     values = np.arange(1 << 24, dtype=np.uint32)
     planes = [((values >> shift) & 255).astype(np.uint8) for shift in (16, 8, 0)]
-    img = Image.fromarray(np.stack(planes, 1).reshape(4096, 4096, 3), "RGB")
+    rgb = np.stack(planes, 1).reshape(4096, 4096, 3)
+    img = Image.fromarray(rgb, "RGB")
     for h in (-0.1, 0.037, 0.1):
-        assert np.array_equal(np.asarray(adjust_hue(img, h)), np.asarray(TF.adjust_hue(img, h)))
+        diff = np.abs(
+            np.asarray(adjust_hue(img, h)).astype(np.int16)
+            - np.asarray(TF.adjust_hue(img, h)).astype(np.int16)
+        )
+        assert diff.mean() < 1.2 and diff.max() <= 13, (h, diff.mean(), diff.max())  # 1.10, 13
+    ours = np.abs(np.asarray(adjust_hue(img, 0.0)).astype(np.int16) - rgb).mean()  # 0.54
+    pils = np.abs(np.asarray(TF.adjust_hue(img, 0.0)).astype(np.int16) - rgb).mean()  # 0.60
+    assert ours <= pils
+    # on a photograph the difference is smaller (measured 0.3-0.6 on four skimage photos)
+    photo = _photo(224, 224)
+    for h in (-0.1, 0.05):
+        diff = np.abs(
+            np.asarray(adjust_hue(photo, h)).astype(np.int16)
+            - np.asarray(TF.adjust_hue(photo, h)).astype(np.int16)
+        )
+        assert diff.mean() < 0.8 and diff.max() <= 13, (h, diff.mean(), diff.max())
 
 
 def _view(height, width):
@@ -329,7 +345,7 @@ def test_reduced_decode_shows_the_same_crop(tmp_path):
     assert np.mean(diffs) < 1.5 and max(diffs) < 4.0, diffs
 
 
-def test_file_views_without_reduction_equal_the_float_pipeline(tmp_path):
+def test_file_views_without_reduction_equal_the_float_pipeline(tmp_path, opencv_hue):
     # PNG files (never reduced) through RobustImageFolder's seeded path: the float pipeline's
     # numbers after normalisation, deterministic per (index, seed), caller's RNG untouched
     rng = np.random.default_rng(2)
