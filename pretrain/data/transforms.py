@@ -77,9 +77,9 @@ def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
     clamps the line at the edge pixel in each of its box passes (measured on the bench photos,
     sigma 0.5-2: mean absolute difference to PIL in the outer 3 rows and columns 0.39 grey
     levels, against 0.51 with ``BORDER_REPLICATE`` and 0.86 with OpenCV's default
-    ``BORDER_REFLECT_101``). It is 4-9x
-    faster than PIL's ``GaussianBlur`` on a 224 px RGB view (sigma 2 / 1); how its output
-    differs from PIL's (MoCo's) is in docs/methods.md, "Augmentation"."""
+    ``BORDER_REFLECT_101``). It is 4-9x faster than PIL's ``GaussianBlur`` on a 224 px RGB view
+    (sigma 2 / 1); how its output differs from PIL's (MoCo's) is in docs/methods.md,
+    "Augmentation"."""
     cv2 = cv2_module()
     k = blur_kernel_size(sigma)
     return cv2.GaussianBlur(

@@ -109,17 +109,21 @@ def as_count(value: Any) -> int | None:
     return value
 
 
-def _pretrain_config(folder: str) -> dict[str, Any] | None:
-    """``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD), else None."""
+def _read_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.yaml`` as a dict; None when it is missing or not a YAML mapping."""
     path = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(path):
-        return None
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("MODEL"), dict):
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _pretrain_config(folder: str) -> dict[str, Any] | None:
+    """``folder/config.yaml`` when it is a pretraining config (it has MODEL.METHOD), else None."""
+    cfg = _read_config(folder)
+    if cfg is None or not isinstance(cfg.get("MODEL"), dict):
         return None
     if "METHOD" not in cfg["MODEL"]:
         return None  # a linear-eval or detection config: not the pretraining's
@@ -134,13 +138,8 @@ def config_seed(folder: str) -> int | None:
 
 def run_seed(folder: str) -> int | None:
     """SEED of any run's ``folder/config.yaml`` (pretraining, linear eval or detection)."""
-    path = os.path.join(folder, "config.yaml")
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return as_count(cfg.get("SEED")) if isinstance(cfg, dict) else None
+    cfg = _read_config(folder)
+    return as_count(cfg.get("SEED")) if cfg else None
 
 
 def config_knn(folder: str) -> tuple[int, float] | None:
