@@ -146,7 +146,7 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     # simmoco / simco: negatives are the other keys of this process's batch only (True, the
     # official dual-temperature script) or of the global batch (False)
     cfg.LOSS.LOCAL_NEGATIVES = False
-    # MoCo v2: length of the queue of negative keys (a multiple of SOLVER.IMS_PER_BATCH)
+    # MoCo v2: length K of the queue of negative keys (any K >= 1: a ring, written N keys a step)
     cfg.LOSS.QUEUE_SIZE = 65536
     # additive margin m of InfoNCE (EqCo eq. 1), used by LOSS.NAME infonce
     cfg.LOSS.MARGIN = 0.0
@@ -386,9 +386,8 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
         )
     if m.METHOD == "mocov2":
         _need(
-            loss.QUEUE_SIZE > 0 and loss.QUEUE_SIZE % n == 0,
-            f"LOSS.QUEUE_SIZE={loss.QUEUE_SIZE} must be a positive multiple of "
-            f"SOLVER.IMS_PER_BATCH={n}.",
+            loss.QUEUE_SIZE >= 1,
+            f"LOSS.QUEUE_SIZE must be >= 1 (the number of negative keys), got {loss.QUEUE_SIZE}.",
         )
     _need(solver.BASE_LR > 0, f"SOLVER.BASE_LR must be > 0, got {solver.BASE_LR}.")
     _need(

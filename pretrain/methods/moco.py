@@ -66,11 +66,21 @@ class MoCoV2(ContrastiveMethod):
 
     @torch.no_grad()
     def after_loss(self, k: torch.Tensor) -> None:
-        """Enqueue the global batch's view-2 keys, once per step (N keys, also when symmetric)."""
+        """Enqueue the global batch's view-2 keys, once per step (N keys, also when symmetric).
+
+        The queue is a ring of any length K: the keys are written from the pointer on and wrap
+        around its end; a queue shorter than the batch (K < N, e.g. the K-sweep's K = 4) keeps
+        the batch's last K keys, so the next step's K negatives are the K newest keys."""
         keys = concat_all_gather(k)
-        ptr = self._ptr
-        self.queue[ptr : ptr + keys.shape[0]] = keys  # QUEUE_SIZE % batch == 0 (validated)
-        self._ptr = (ptr + keys.shape[0]) % self.queue.shape[0]
+        size, ptr = self.queue.shape[0], self._ptr
+        if keys.shape[0] >= size:
+            keys, ptr = keys[-size:], 0
+        n = keys.shape[0]
+        first = min(n, size - ptr)
+        self.queue[ptr : ptr + first] = keys[:first]
+        if first < n:
+            self.queue[: n - first] = keys[first:]
+        self._ptr = (ptr + n) % size
         self.queue_ptr.fill_(self._ptr)  # the checkpointed copy, written without a host read
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

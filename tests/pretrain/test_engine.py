@@ -187,7 +187,7 @@ def test_lr_scaling_and_schedule():
         (["LOSS.ALPHA", "-3.0"], "LOSS.ALPHA must be > 0"),
         (["DATASETS.ROOT", "/nonexistent/imagenet"], "/nonexistent/imagenet/train is not a folder"),
         (["MODEL.METHOD", "byol"], "MODEL.METHOD 'byol' is unknown"),
-        (["LOSS.QUEUE_SIZE", "1000", "MODEL.METHOD", "mocov2"], "must be a positive multiple"),
+        (["LOSS.QUEUE_SIZE", "0", "MODEL.METHOD", "mocov2"], "LOSS.QUEUE_SIZE must be >= 1"),
         (["SOLVER.IMS_PER_BATCH"], "KEY VALUE pairs"),
     ],
 )

@@ -249,3 +249,26 @@ def test_mocov2_symmetric_enqueues_once_and_never_scores_the_own_key():
         assert int(model.queue_ptr) == (step + 1) * 8 % 16
         ptr = step * 8 % 16
         torch.testing.assert_close(model.queue[ptr : ptr + 8], k2)  # view 2's keys, once
+
+
+@pytest.mark.parametrize("size", [4, 12, 24])
+def test_mocov2_queue_is_a_ring_of_any_length(size):
+    """LOSS.QUEUE_SIZE need not be a multiple of the batch (the K-sweep's K = 4 and 16 at N = 32):
+    the queue always holds the newest ``size`` keys, written in order and wrapping at its end."""
+    torch.manual_seed(0)
+    model = build_method(_tiny_cfg("mocov2", **{"LOSS.QUEUE_SIZE": size}), torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    history = torch.empty(0, 16)
+    for step in range(5):
+        keys = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+        model.after_loss(keys)
+        history = torch.cat([history, keys])
+        newest = history[-size:]  # the last `size` keys enqueued, oldest first
+        ptr = int(model.queue_ptr)
+        assert ptr == model._ptr < size
+        ring = torch.cat([model.queue[ptr:], model.queue[:ptr]]) if len(history) >= size else None
+        if ring is not None:
+            torch.testing.assert_close(ring, newest)
+        else:  # not yet full: the keys so far from slot 0 on, the random init after them
+            torch.testing.assert_close(model.queue[: len(history)], history)
+            assert ptr == len(history)

@@ -126,15 +126,30 @@ def test_k_that_does_not_fit_the_batch_fails_before_running(shapes, tmp_path):
             opts=TINY + ["DATASETS.ROOT", shapes], lincls_config=LINCLS_CFG,
         )  # fmt: skip
     assert not out.exists()
-    with pytest.raises(UserError, match="MODEL.METHOD is 'mocov2'"):
+    with pytest.raises(UserError, match="MODEL.METHOD is 'simclr'.* simo or mocov2"):
         plan_sweep(
             SWEEP_CFG, ks=[4], losses=["eqco"], seeds=[0], out=str(out),
-            opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "mocov2"]
-            + ["LOSS.QUEUE_SIZE", "16"],
+            opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "simclr"],
             lincls_config=LINCLS_CFG,
         )  # fmt: skip
     with pytest.raises(UserError, match="--loss 'nce' is unknown"):
         plan_sweep(SWEEP_CFG, ks=[4], losses=["nce"], seeds=[0], out=str(out))
+
+
+def test_mocov2_sweep_varies_the_queue_length(shapes, tmp_path):
+    """With MODEL.METHOD mocov2, K is the queue length: K = 64 runs at a batch of 8."""
+    plan = plan_sweep(
+        SWEEP_CFG, ks=[4, 64], losses=["infonce", "eqco"], seeds=[0], out=str(tmp_path / "s"),
+        opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "mocov2"], lincls_config=LINCLS_CFG,
+    )  # fmt: skip
+    assert [c.name for c in plan.cells] == ["infonce_k4_s0", "infonce_k64_s0", "eqco_k4_s0",
+                                            "eqco_k64_s0"]
+    for cell in plan.cells:
+        cfg = plan.pretrain_cfgs[cell.name]
+        assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.LOSS.QUEUE_SIZE == cell.k
+        assert cfg.LOSS.NAME == cell.loss
+        assert cell.alpha == (256.0 if cell.loss == "eqco" else cell.k)
+    assert "LOSS.QUEUE_SIZE" in plan.pretrain_cmds["eqco_k64_s0"]
 
 
 def test_cli_refuses_bad_input_with_one_sentence(shapes, tmp_path):

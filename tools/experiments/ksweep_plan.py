@@ -6,10 +6,12 @@ negative logit shifted by log(alpha/K) -- a few negatives per query train as wel
 gradient norm of the loss w.r.t. the query no longer depends on K (Theorem 2); plain InfoNCE
 (alpha = K) degrades as K shrinks. The sweep measures both:
 
-* every cell is a SiMo pretraining with ``LOSS.NAME loss LOSS.NUM_NEGATIVES K [LOSS.ALPHA alpha]
-  SEED s TEST.GRAD_NORM True`` (``tools/pretrain.py``, which then logs ``grad_norm_q``), then
-  linear evaluation of its ``model_final.pth`` (``tools/lincls.py``, cached features); both are
-  the tools beside this folder, run as subprocesses by :mod:`ksweep_run`;
+* every cell is a pretraining with ``LOSS.NAME loss <K key> K [LOSS.ALPHA alpha] SEED s
+  TEST.GRAD_NORM True``, the K key by the config's MODEL.METHOD: SiMo's in-batch negatives per
+  query (``LOSS.NUM_NEGATIVES``) or MoCo v2's queue length (``LOSS.QUEUE_SIZE``, ``SWEEP_K_KEYS``)
+  (``tools/pretrain.py``, which then logs ``grad_norm_q``), then linear evaluation of its
+  ``model_final.pth`` (``tools/lincls.py``, cached features); both are the tools beside this
+  folder, run as subprocesses by :mod:`ksweep_run`;
 * the reference the top-1 is read against (unless ``baseline=False``): per seed s, a randomly
   initialised backbone (torchvision's ``MODEL.ARCH`` built right after ``torch.manual_seed(s)``,
   saved once as ``random_init.pth``) under the identical linear evaluation (same config, overrides
@@ -27,7 +29,7 @@ import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-from pretrain.config import load_pretrain_cfg
+from pretrain.config import get_pretrain_cfg, load_pretrain_cfg, merge_config
 from pretrain.io import UserError
 from pretrain.lincls import load_lincls_cfg
 from pretrain.losses import LOSSES
@@ -46,6 +48,10 @@ __all__ = [
 
 # the losses whose K-dependence the sweep compares: InfoNCE (alpha = K) and EqCo (alpha fixed)
 SWEEP_LOSSES = ("infonce", "eqco")
+# what K is, by MODEL.METHOD: SiMo's in-batch negatives per query (K <= N - 1), or the length of
+# MoCo v2's queue, every query's negatives (any K: the paper's own K experiment varies MoCo v2's
+# queue, and K = 64 or 256 then needs no batch of N > K)
+SWEEP_K_KEYS = {"simo": "LOSS.NUM_NEGATIVES", "mocov2": "LOSS.QUEUE_SIZE"}
 # the ``loss`` column of the random-init baseline's rows (no loss of pretrain.losses has this name)
 BASELINE_LOSS = "random_init"
 # the folder of tools/pretrain.py and tools/lincls.py, the two stages of a cell
@@ -63,6 +69,7 @@ class SweepCell:
     k: int
     alpha: float
     seed: int
+    k_key: str = "LOSS.NUM_NEGATIVES"  # the config key of K (SWEEP_K_KEYS, by MODEL.METHOD)
 
     @property
     def name(self) -> str:
@@ -70,7 +77,7 @@ class SweepCell:
 
     def overrides(self) -> List[str]:
         """The ``KEY VALUE`` pairs that make the base config this cell."""
-        opts = ["LOSS.NAME", self.loss, "LOSS.NUM_NEGATIVES", str(self.k), "SEED", str(self.seed)]
+        opts = ["LOSS.NAME", self.loss, self.k_key, str(self.k), "SEED", str(self.seed)]
         if self.loss == "eqco":
             opts += ["LOSS.ALPHA", repr(float(self.alpha))]
         return opts
@@ -191,8 +198,18 @@ def plan_sweep(
     if len(opts) % 2:
         raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
     out = os.path.abspath(out)
+    # which key K sets depends on the method: read it unvalidated (the cells are validated below)
+    method = merge_config(get_pretrain_cfg(), config_file, opts, "pretrain/config.py").MODEL.METHOD
+    if method not in SWEEP_K_KEYS:
+        raise UserError(
+            f"{config_file}: MODEL.METHOD is {method!r}, but the K-sweep varies the negatives of "
+            f"{' or '.join(SWEEP_K_KEYS)} ({', '.join(SWEEP_K_KEYS.values())}); use one of them."
+        )
     cells = [
-        SweepCell(x, k, _cell_alpha(x, k, alpha), s) for x in losses for k in ks for s in seeds
+        SweepCell(x, k, _cell_alpha(x, k, alpha), s, SWEEP_K_KEYS[method])
+        for x in losses
+        for k in ks
+        for s in seeds
     ]
     plan = SweepPlan(out, cells, {}, {}, {})
 
@@ -225,11 +242,6 @@ def plan_sweep(
             cfg = load_pretrain_cfg(config_file, cell_opts)
         except UserError as e:
             raise UserError(f"cell {cell.name}: {e}") from e
-        if cfg.MODEL.METHOD != "simo":
-            raise UserError(
-                f"{config_file}: MODEL.METHOD is {cfg.MODEL.METHOD!r}, but the K-sweep varies "
-                "LOSS.NUM_NEGATIVES, the in-batch negatives of SiMo; use MODEL.METHOD simo."
-            )
         cfg.freeze()
         plan.pretrain_cfgs[cell.name] = cfg
         plan.pretrain_cmds[cell.name] = (

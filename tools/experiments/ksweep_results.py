@@ -42,6 +42,9 @@ CSV_COLUMNS = (
     "pretrain_seconds",
 )
 _METRICS = ("top1", "top5", "knn_top1", "grad_norm", "final_loss")
+# the header's words for the methods the sweep runs (ksweep_plan.SWEEP_K_KEYS) and what K is there
+_METHOD_NAMES = {"simo": "SiMo", "mocov2": "MoCo v2"}
+_K_MEANING = {"simo": "in-batch negatives per query", "mocov2": "queue length"}
 
 
 def collect_rows(plan: SweepPlan) -> List[Dict[str, Any]]:
@@ -180,8 +183,11 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
     lines = [
         "# K-sweep: linear-eval top-1 vs negatives per query",
         "",
-        f"SiMo {any_cfg.MODEL.ARCH}, {any_cfg.INPUT.SIZE} px, global batch "
-        f"N={any_cfg.SOLVER.IMS_PER_BATCH}, data {any_cfg.DATASETS.ROOT}; "
+        f"{_METHOD_NAMES.get(any_cfg.MODEL.METHOD, any_cfg.MODEL.METHOD)} "
+        f"{any_cfg.MODEL.ARCH}, {any_cfg.INPUT.SIZE} px, global batch "
+        f"N={any_cfg.SOLVER.IMS_PER_BATCH}, K = {_K_MEANING.get(any_cfg.MODEL.METHOD, 'K')}, "
+        f"{any_cfg.SOLVER.MAX_ITER or any_cfg.SOLVER.EPOCHS} "
+        f"{'iterations' if any_cfg.SOLVER.MAX_ITER else 'epochs'}, data {any_cfg.DATASETS.ROOT}; "
         f"{finished} finished. Mean ± sample std over seeds.",
         "",
     ]
