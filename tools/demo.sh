@@ -43,22 +43,37 @@ else
   echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
-stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7 min)"
+# PRETRAIN_SEEDS="0 1 2" make demo: pretraining and both linear evals once per SEED (random init:
+# the SEED that draws its weights), for the report's seeds table (mean +- sd); seed 0's runs are the
+# plain directories, the ones detection is fine-tuned from; finished runs are reused
+PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-0}
+case " $PRETRAIN_SEEDS " in
+  *" 0 "*) ;;
+  *) echo "PRETRAIN_SEEDS='$PRETRAIN_SEEDS' must include 0: detection is fine-tuned from seed 0's backbone."; exit 2 ;;
+esac
+sfx() { if [ "$1" = 0 ]; then echo ""; else echo "_s$1"; fi; }
+stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7 min per seed; seeds: $PRETRAIN_SEEDS)"
 # pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
 # threads and one loader worker vs 0.44 s with 1 thread)
-OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet pretrain \
-  $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
-  MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo OUTPUT_DIR "$OUT/pretrain_simo"
+for seed in $PRETRAIN_SEEDS; do
+  OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet "pretrain_simo$(sfx "$seed")" \
+    $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
+    MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo SEED "$seed" \
+    OUTPUT_DIR "$OUT/pretrain_simo$(sfx "$seed")"
+done
 
-stage "3/7 linear evaluation (cached features): SiMo, then a random-init $ARCH"
-quiet lincls_simo $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
-  MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/pretrain_simo/model_final.pth" DATASETS.ROOT "$DATA/imagefolder" \
-  OUTPUT_DIR "$OUT/lincls_simo"
-$PY -c "import sys, torch, torchvision; torch.manual_seed(0); \
-torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])" $ARCH "$OUT/random_init.pth"
-quiet lincls_random_init $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml \
-  --cached-features MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/random_init.pth" DATASETS.ROOT "$DATA/imagefolder" \
-  NAME "random init" OUTPUT_DIR "$OUT/lincls_random_init"
+stage "3/7 linear evaluation (cached features): SiMo, then a random-init $ARCH (seeds: $PRETRAIN_SEEDS)"
+for seed in $PRETRAIN_SEEDS; do
+  s=$(sfx "$seed")
+  quiet "lincls_simo$s" $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml --cached-features \
+    MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/pretrain_simo$s/model_final.pth" DATASETS.ROOT "$DATA/imagefolder" \
+    SEED "$seed" OUTPUT_DIR "$OUT/lincls_simo$s"
+  $PY -c "import sys, torch, torchvision; torch.manual_seed(int(sys.argv[3])); \
+torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])" $ARCH "$OUT/random_init$s.pth" "$seed"
+  quiet "lincls_random_init$s" $PY tools/lincls.py --config-file configs/lincls/shapes_cpu.yaml \
+    --cached-features MODEL.ARCH $ARCH MODEL.WEIGHTS "$OUT/random_init$s.pth" DATASETS.ROOT "$DATA/imagefolder" \
+    NAME "random init" SEED "$seed" OUTPUT_DIR "$OUT/lincls_random_init$s"
+done
 
 stage "4/7 convert SiMo to detectron2 weights, verified against the original backbone"
 quiet convert $PY tools/convert.py "$OUT/pretrain_simo/model_final.pth" "$OUT/simo.pkl" --verify --force \

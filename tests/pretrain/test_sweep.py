@@ -350,3 +350,27 @@ def test_two_cell_sweep_writes_outputs_and_skips_finished_cells(shapes, tmp_path
     assert third["skipped"] == ["random_init_s0", "infonce_k4_s0"]
     assert lincls_results.is_file()
     assert _mtimes(watched[:3] + base_watched) == {p: before[p] for p in watched[:3] + base_watched}
+
+
+def test_infonce_at_k_equal_alpha_is_the_eqco_cell(shapes, tmp_path):
+    """InfoNCE with K = alpha negatives is the EqCo loss (shift log(alpha/K) = 0): the sweep runs
+    that cell once, as EqCo's, and reads the InfoNCE cell from the same directories."""
+    plan = plan_sweep(
+        SWEEP_CFG, ks=[4, 8], losses=["infonce", "eqco"], seeds=[0, 1], out=str(tmp_path / "s"),
+        alpha=8.0, opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "mocov2"],
+        lincls_config=LINCLS_CFG,
+    )  # fmt: skip
+    assert len(plan.cells) == 8
+    assert [c.name for c in plan.runs] == ["infonce_k4_s0", "infonce_k4_s1", "eqco_k4_s0",
+                                           "eqco_k4_s1", "eqco_k8_s0", "eqco_k8_s1"]
+    twin = next(c for c in plan.cells if c.name == "infonce_k8_s1")
+    assert twin.same_as == "eqco_k8_s1" and twin not in plan.runs
+    eqco = next(c for c in plan.runs if c.name == "eqco_k8_s1")
+    assert plan.cell_dir(twin) == plan.cell_dir(eqco)
+    assert "infonce_k8_s1" not in plan.pretrain_cmds and "infonce_k8_s1" not in plan.lincls_cmds
+    # with only InfoNCE in the sweep there is no twin: K = alpha runs as InfoNCE
+    alone = plan_sweep(
+        SWEEP_CFG, ks=[8], losses=["infonce"], seeds=[0], out=str(tmp_path / "t"), alpha=8.0,
+        opts=TINY + ["DATASETS.ROOT", shapes, "MODEL.METHOD", "mocov2"], lincls_config=LINCLS_CFG,
+    )  # fmt: skip
+    assert [c.name for c in alone.runs] == ["infonce_k8_s0"]

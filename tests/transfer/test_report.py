@@ -472,3 +472,47 @@ def test_cli(runs, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no results.json" in err[0]
+
+
+def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
+    """PRETRAIN_SEEDS="0 1 2" make demo: linear evals of three pretraining seeds (the seed read from
+    the config.yaml beside each checkpoint) and of three random inits (their own SEED) give a seeds
+    table with mean +- sd rows, lincls_seeds.png and one verdict per metric; the main table keeps
+    the lowest seed's row."""
+    base = json.loads((runs / "lincls" / "simo_k16" / "results.json").read_text())
+    rand = json.loads((runs / "lincls" / "random_init" / "results.json").read_text())
+    for rel in ("lincls/simo_k16", "lincls/random_init", "pretrain/simo_k16"):  # seed 3's
+        (runs / rel / "results.json").unlink()
+    for seed, (top1, knn, rtop1, rknn) in enumerate(((80.0, 70.0, 40.0, 45.0),
+                                                     (86.0, 74.0, 42.0, 47.0),
+                                                     (83.0, 72.0, 41.0, 46.0))):  # fmt: skip
+        pre = runs / "pretrain" / f"simo_s{seed}"
+        pre.mkdir(parents=True)
+        (pre / "config.yaml").write_text(f"MODEL:\n  METHOD: simo\nSEED: {seed}\n")
+        weights = str(pre / "model_final.pth")
+        _run(runs, f"lincls/simo_s{seed}",
+             {**base, "top1": top1, "knn_top1": knn, "weights": weights, "val_images": 1000})
+        d = _run(runs, f"lincls/random_init_s{seed}",
+                 {**rand, "top1": rtop1, "knn_top1": rknn, "val_images": 1000})
+        (runs / d / "config.yaml").write_text(f"MODEL:\n  ARCH: resnet18\nSEED: {seed}\n")
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| simo_k16 | 1 | 86.0 | 74.0 | 1000 |" in md
+    assert "| simo_k16 (mean of 3) | 0 1 2 | 83.0 +- 3.0 | 72.0 +- 2.0 | 1000 |" in md
+    assert "| random init (mean of 3) | 0 1 2 | 41.0 +- 1.0 | 46.0 +- 1.0 | 1000 |" in md
+    assert (tmp_path / "r" / "lincls_seeds.png").is_file()
+    verdicts = [n for n in report.notes if n.startswith("linear eval")]
+    assert verdicts == [
+        "linear eval top-1: simo_k16 (mean of 3) 83.0 +- 3.0 vs random init (mean of 3) 41.0 +- "
+        "1.0 (seeds 0 1 2 / 0 1 2, 1000 val images): the gap 42.0 is above 2 x the pooled sd "
+        "(4.5).",
+        "linear eval kNN: simo_k16 (mean of 3) 72.0 +- 2.0 vs random init (mean of 3) 46.0 +- "
+        "1.0 (seeds 0 1 2 / 0 1 2, 1000 val images): the gap 26.0 is above 2 x the pooled sd "
+        "(3.2).",
+    ]
+    # the main table: seed 0's linear eval for both (SiMo's seed from its checkpoint's folder)
+    rows = _rows(report.markdown)
+    assert rows["simo_k16"][6:10] == ["80.0", "70.0", "1000", "0"]
+    assert rows["random init"][6:9] == ["40.0", "45.0", "1000"]
+    assert any("'simo_k16': lincls runs of seeds 0 1 2; the row shows seed 0" in n
+               for n in report.notes)

@@ -70,6 +70,9 @@ class SweepCell:
     alpha: float
     seed: int
     k_key: str = "LOSS.NUM_NEGATIVES"  # the config key of K (SWEEP_K_KEYS, by MODEL.METHOD)
+    # the name of the cell whose runs this one is (InfoNCE at K = alpha is the EqCo cell of that
+    # K: the shift log(alpha / K) is 0, the same loss bit for bit); "" = a run of its own
+    same_as: str = ""
 
     @property
     def name(self) -> str:
@@ -125,8 +128,13 @@ class SweepPlan:
     lincls_cmds: Dict[str, List[str]]  # cell or baseline name -> command line
     baselines: List[SweepBaseline] = dataclasses.field(default_factory=list)
 
+    @property
+    def runs(self) -> List[SweepCell]:
+        """The cells that are run (an alias, :attr:`SweepCell.same_as`, reads its twin's)."""
+        return [c for c in self.cells if not c.same_as]
+
     def cell_dir(self, cell: SweepCell) -> str:
-        return os.path.join(self.out, "cells", cell.name)
+        return os.path.join(self.out, "cells", cell.same_as or cell.name)
 
     def pretrain_dir(self, cell: SweepCell) -> str:
         return os.path.join(self.cell_dir(cell), "pretrain")
@@ -198,6 +206,13 @@ def plan_sweep(
     if len(opts) % 2:
         raise UserError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
     out = os.path.abspath(out)
+
+    def _twin(loss: str, k: int, seed: int) -> str:
+        """InfoNCE at K = alpha is EqCo at that K (the same loss): run once, as the EqCo cell."""
+        if loss == "infonce" and "eqco" in losses and float(k) == float(alpha):
+            return SweepCell("eqco", k, float(alpha), seed).name
+        return ""
+
     # which key K sets depends on the method: read it unvalidated (the cells are validated below)
     method = merge_config(get_pretrain_cfg(), config_file, opts, "pretrain/config.py").MODEL.METHOD
     if method not in SWEEP_K_KEYS:
@@ -206,7 +221,7 @@ def plan_sweep(
             f"{' or '.join(SWEEP_K_KEYS)} ({', '.join(SWEEP_K_KEYS.values())}); use one of them."
         )
     cells = [
-        SweepCell(x, k, _cell_alpha(x, k, alpha), s, SWEEP_K_KEYS[method])
+        SweepCell(x, k, _cell_alpha(x, k, alpha), s, SWEEP_K_KEYS[method], _twin(x, k, s))
         for x in losses
         for k in ks
         for s in seeds
@@ -234,7 +249,7 @@ def plan_sweep(
             + lin_opts
         )
 
-    for cell in cells:
+    for cell in plan.runs:
         pre_dir = plan.pretrain_dir(cell)
         cell_opts = opts + cell.overrides() + ["TEST.GRAD_NORM", "True"]
         cell_opts += ["OUTPUT_DIR", pre_dir, "NAME", cell.name]
@@ -259,7 +274,7 @@ def plan_sweep(
     if baseline:
         for s in seeds:
             # the cells differ only in LOSS.* and SEED: any cell of seed s has the inherited keys
-            cfg = plan.pretrain_cfgs[next(c.name for c in cells if c.seed == s)]
+            cfg = plan.pretrain_cfgs[next(c.name for c in plan.runs if c.seed == s)]
             base = SweepBaseline(cfg.MODEL.ARCH, s)
             plan.baselines.append(base)
             add_lincls(

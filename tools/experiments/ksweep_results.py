@@ -191,6 +191,13 @@ def write_markdown(plan: SweepPlan, rows: List[Dict[str, Any]], path: str) -> st
         f"{finished} finished. Mean ± sample std over seeds.",
         "",
     ]
+    twins = unique(f"K={c.k}" for c in plan.cells if c.same_as)
+    if twins:
+        lines += [
+            f"InfoNCE at {', '.join(twins)} = alpha is the EqCo loss itself (the shift "
+            "log(alpha/K) is 0): those cells are the EqCo cells, run once.",
+            "",
+        ]
     for title, metric, digits in (
         ("Linear-eval top-1 (%)", "top1", 2),
         ("kNN top-1 of the frozen backbone (%), same features", "knn_top1", 2),

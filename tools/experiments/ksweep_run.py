@@ -177,7 +177,7 @@ def run_sweep(plan: SweepPlan, train: bool = True, progress: bool = True) -> Dic
     from tqdm import tqdm
 
     os.makedirs(plan.out, exist_ok=True)
-    entries: List[SweepEntry] = [*plan.baselines, *plan.cells]
+    entries: List[SweepEntry] = [*plan.baselines, *plan.runs]
     done = [e for e in entries if plan.finished(e)]
     todo = [e for e in entries if not plan.finished(e)] if train else []
     if done:

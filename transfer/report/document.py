@@ -15,9 +15,11 @@ from transfer.report.plots import (
     plot_detection_curves,
     plot_pretrain_health,
     plot_pretrain_losses,
+    plot_seed_probes,
 )
 from transfer.report.rows import build_rows
 from transfer.report.runs import find_runs
+from transfer.report.seeds import seed_rows, seed_table
 from transfer.report.tables import format_value, markdown_table, write_csv
 
 __all__ = ["PAPER_NOTE", "Report", "make_report"]
@@ -48,6 +50,8 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
         for run in same_kind:
             if sum(r.label == run.label for r in same_kind) > 1:
                 run.label = f"{run.name} ({os.path.basename(os.path.normpath(run.path))})"
+    per_seed, seed_notes = seed_rows(runs)
+    notes += seed_notes
     table = markdown_table(rows)
     os.makedirs(out_dir, exist_ok=True)
     files = []
@@ -68,6 +72,7 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
             lambda p: plot_detection_curves(runs, p),
         ),
         ("pretrain_health.png", None, plot_health),
+        ("lincls_seeds.png", None, lambda p: plot_seed_probes(per_seed, p)),
     ]
     written = []
     for filename, what, plot in plots:
@@ -95,6 +100,14 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
         "K: negatives per query; alpha: EqCo's alpha.",
         "",
     ]
+    if per_seed:
+        md += [
+            "Linear evaluation over seeds (pretraining SEED; for random init the SEED that drew "
+            "the weights): one row per seed, then the mean +- sample sd.",
+            "",
+            seed_table(per_seed),
+            "",
+        ]
     md += [f"![{name}]({name})" for name in written]
     if "pretrain_health.png" in written:
         md += ["", HEALTH_CAPTION]

@@ -1,5 +1,5 @@
 """Draws the report's plots from the runs' metrics.json and the rows: ``ap_bars.png``,
-``pretrain_loss.png``, ``detection_curves.png`` and ``pretrain_health.png``.
+``pretrain_loss.png``, ``detection_curves.png``, ``pretrain_health.png`` and ``lincls_seeds.png``.
 
 Each ``plot_*`` function writes its PNG through ``pretrain.io.save_figure`` (atomic) and returns
 whether it drew anything (nothing is written when no run has the data).
@@ -15,6 +15,7 @@ from typing import Any
 
 from pretrain.io import read_metrics, save_figure
 from transfer.report.runs import Run, as_count, as_number, config_knn
+from transfer.report.seeds import SEED_METRICS
 from transfer.report.tables import format_value
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "plot_detection_curves",
     "plot_pretrain_health",
     "plot_pretrain_losses",
+    "plot_seed_probes",
 ]
 
 
@@ -264,3 +266,29 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
     fig.suptitle("Pretraining health")
     save_figure(fig, path, dpi=110)
     return HealthPlot(series, {label: value for label, value, _, _ in baselines}, notes)
+
+
+def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
+    """``lincls_seeds.png``: per pre-training, each seed's linear and kNN top-1 as dots and the mean
+    with its sd as a bar; False (nothing written) without any multi-seed pre-training."""
+    means = [r for r in rows if r.get("summary")]
+    if not means:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(SEED_METRICS), figsize=(4.5 * len(SEED_METRICS), 3.8))
+    for ax, (title, key) in zip(axes, SEED_METRICS):
+        for x, mean in enumerate(means):
+            seeds = [r for r in rows if r["group"] == mean["group"] and not r.get("summary")]
+            seeds = [r for r in seeds if r.get(key) is not None]
+            if mean.get(key) is not None:
+                ax.bar(x, mean[key], yerr=mean[f"{key}_sd"], color=f"C{x}", alpha=0.35, capsize=4)
+            ax.plot([x] * len(seeds), [r[key] for r in seeds], "o", color=f"C{x}", ms=4)
+        ax.set_xticks(range(len(means)))
+        ax.set_xticklabels([m["name"] for m in means], fontsize=8)
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_ylim(0, 100)
+        val = {m["val_images"] for m in means}
+        ax.set_title(f"linear eval {title}, val {format_value('val_images', val.pop())}"
+                     if len(val) == 1 else f"linear eval {title}")
+    save_figure(fig, path, dpi=120)
+    return True

@@ -10,6 +10,7 @@ from typing import Any
 
 from transfer.convert import read_provenance
 from transfer.report.runs import KINDS, Run, as_count, as_number, config_seed, run_seed
+from transfer.report.seeds import lincls_seed
 from transfer.report.tables import BBOX_KEYS, COLUMNS, format_value
 
 __all__ = ["PAPER_MARK", "PAPER_ROWS", "build_rows"]
@@ -92,6 +93,27 @@ def _newest(runs: list[Run], kind: str, name: str, notes: list[str]) -> Run | No
     return same[0] if same else None
 
 
+def _seed(run: Run) -> int | None:
+    if run.kind == "lincls":
+        return lincls_seed(run)
+    seed = as_count(run.results.get("seed"))
+    return seed if seed is not None else config_seed(run.path)
+
+
+def _lowest_seed(runs: list[Run], kind: str, name: str, notes: list[str]) -> Run | None:
+    """The newest ``kind`` run of the pre-training's lowest seed: with several seeds (the seeds
+    table lists them all) the main row is that of the first seed, the one the demo transfers."""
+    same = [r for r in runs if r.kind == kind]
+    seeds = sorted({s for s in map(_seed, same) if s is not None})
+    if len(seeds) > 1:
+        notes.append(
+            f"'{name}': {kind} runs of seeds {' '.join(map(str, seeds))}; the row shows seed "
+            f"{seeds[0]}, the seeds table all of them."
+        )
+        same = [r for r in same if _seed(r) == seeds[0]]
+    return _newest(same, kind, name, notes)
+
+
 def _merge(
     name: str, sources: list[tuple[str, dict[str, Any]]], notes: list[str]
 ) -> dict[str, Any]:
@@ -172,8 +194,8 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for name in names:
         group = [r for r in runs if r.name == name]
-        pre = _newest(group, "pretrain", name, notes)
-        lin = _newest(group, "lincls", name, notes)
+        pre = _lowest_seed(group, "pretrain", name, notes)
+        lin = _lowest_seed(group, "lincls", name, notes)
         dets = [r for r in group if r.kind == "detection"] or [None]
         for det in dets:
             prov = _provenance(det) if det else {}

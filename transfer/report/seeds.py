@@ -1,0 +1,104 @@
+"""The linear evaluations of each pre-training over its seeds: one row per seed, a mean +- sd row,
+and one sentence per pair of pre-trainings saying which probes higher and whether the gap is above
+the seed noise (``PRETRAIN_SEEDS="0 1 2" make demo``, or any set of runs of one NAME).
+
+A linear-eval run's seed is the pretraining seed of the checkpoint it probed (:func:`lincls_seed`);
+for a backbone without pretraining (random init) it is the linear eval's own SEED, which the demo
+also uses to draw the random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+from transfer.report.runs import Run, as_count, as_number, config_seed, run_seed
+from transfer.report.tables import format_value
+
+__all__ = ["SEED_METRICS", "lincls_seed", "seed_rows", "seed_table"]
+
+# (column title, results.json key) of the per-seed table
+SEED_METRICS = (("top-1", "top1"), ("kNN", "knn_top1"))
+
+
+def lincls_seed(run: Run) -> int | None:
+    """The pretraining seed of a linear-eval run: ``seed`` in its checkpoint's meta, else SEED of
+    the config.yaml beside the pretraining checkpoint it read; its own SEED when it probed no
+    pretraining (random init, a torchvision file)."""
+    meta = run.results.get("pretrain")
+    meta = meta if isinstance(meta, dict) else {}
+    if "pretrain" not in (run.results.get("input_kind"), meta.get("kind")):
+        return run_seed(run.path)
+    if as_count(meta.get("seed")) is not None:
+        return as_count(meta.get("seed"))
+    weights = run.results.get("weights")
+    return config_seed(os.path.dirname(weights)) if isinstance(weights, str) and weights else None
+
+
+def seed_rows(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per pre-training name with linear evals of at least two distinct seeds: a row per seed (the
+    newest run of each) and a mean row with the sample sd; then the notes comparing the means."""
+    by_name: dict[str, dict[int, Run]] = {}
+    for run in sorted((r for r in runs if r.kind == "lincls"), key=lambda r: r.mtime):
+        seed = lincls_seed(run)
+        if seed is not None:
+            by_name.setdefault(run.name, {})[seed] = run  # the newest run of a seed wins
+    rows: list[dict[str, Any]] = []
+    for name, per_seed in by_name.items():
+        if len(per_seed) < 2:
+            continue
+        group = []
+        for seed in sorted(per_seed):
+            res = per_seed[seed].results
+            row = {"name": name, "group": name, "seed": str(seed)}
+            row["val_images"] = as_count(res.get("val_images"))
+            row.update({key: as_number(res.get(key)) for _, key in SEED_METRICS})
+            group.append(row)
+        mean = {"name": f"{name} (mean of {len(group)})", "group": name, "summary": True}
+        mean["seed"] = " ".join(r["seed"] for r in group)
+        sizes = {r["val_images"] for r in group}
+        mean["val_images"] = sizes.pop() if len(sizes) == 1 else None
+        for _, key in SEED_METRICS:
+            values = [r[key] for r in group if r[key] is not None]
+            complete = len(values) == len(group)
+            mean[key] = statistics.fmean(values) if complete else None
+            mean[f"{key}_sd"] = statistics.stdev(values) if complete else None
+        rows += group + [mean]
+    return rows, _verdicts([r for r in rows if r.get("summary")])
+
+
+def _verdicts(means: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    for title, key in SEED_METRICS:
+        have = [m for m in means if m.get(key) is not None]
+        for i, a in enumerate(have):
+            for b in have[i + 1:]:
+                hi, lo = (a, b) if a[key] >= b[key] else (b, a)
+                sd = ((hi[f"{key}_sd"] ** 2 + lo[f"{key}_sd"] ** 2) / 2) ** 0.5
+                gap = hi[key] - lo[key]
+                val = hi["val_images"] if hi["val_images"] == lo["val_images"] else None
+                notes.append(
+                    f"linear eval {title}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
+                    f"{lo['name']} {lo[key]:.1f} +- {lo[f'{key}_sd']:.1f} (seeds {hi['seed']} / "
+                    f"{lo['seed']}, {format_value('val_images', val)} val images): the gap "
+                    f"{gap:.1f} is {'above' if gap > 2 * sd else 'within'} 2 x the pooled sd "
+                    f"({2 * sd:.1f})."
+                )
+    return notes
+
+
+def seed_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`seed_rows` (mean rows with their sd)."""
+    titles = ["name", "seed"] + [t for t, _ in SEED_METRICS] + ["val"]
+    lines = ["| " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * (len(titles) - 2)]
+    for row in rows:
+        cells = [row["name"], row["seed"]]
+        for _, key in SEED_METRICS:
+            text = format_value(key, row.get(key))
+            if row.get(f"{key}_sd") is not None:
+                text += f" +- {row[f'{key}_sd']:.1f}"
+            cells.append(text)
+        cells.append(format_value("val_images", row.get("val_images")))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
