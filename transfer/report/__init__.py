@@ -22,9 +22,14 @@ pretraining seed: a ``seed`` in the pre-training's meta if one is there, else ``
 pretraining run's ``config.yaml`` (its OUTPUT_DIR among the runs, or the folder of the checkpoint
 the linear eval or the conversion read). A random-init backbone has no pretraining seed: "-".
 
+Linear evals of one pre-training with several seeds (``PRETRAIN_SEEDS="0 1 2" make demo``) also
+get a seeds table: a row per seed, a mean +- sd row and one sentence per pair of pre-trainings on
+whether the gap is above the seed noise (:mod:`.seeds`, plot ``lincls_seeds.png``).
+
 Modules, one job each: :mod:`.runs` finds and reads the run dirs, :mod:`.rows` joins them into
-rows, :mod:`.tables` formats the markdown table and CSV, :mod:`.plots` draws the PNGs and
-:mod:`.document` writes it all (:func:`make_report`, what tools/report.py calls).
+rows, :mod:`.seeds` sums up the linear evals over seeds, :mod:`.tables` formats the markdown table
+and CSV, :mod:`.plots` draws the PNGs and :mod:`.document` writes it all (:func:`make_report`,
+what tools/report.py calls).
 """
 
 from transfer.report.document import Report, make_report
