@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""K-sweep: SiMo pretraining + linear evaluation (cached features) for every (loss, K, seed), e.g.
+"""K-sweep: pretraining + linear evaluation (cached features) for every (loss, K, seed), e.g.
 
-    python tools/make_shapes.py --out datasets/shapes_sweep \\
-        --num-train 2304 --num-val 1000 --size 128 --style colour
-    python tools/sweep.py --config-file configs/pretrain/sweep_shapes_cpu.yaml \\
-        --k 4 16 64 256 --loss infonce eqco --alpha 256 --seeds 0 1 2 --out output/sweep
+    python tools/make_shapes.py --out datasets/shapes \\
+        --num-train-objects 2000 --num-val-objects 1000
+    python tools/sweep.py --config-file configs/pretrain/sweep_mocov2_shapes_cpu.yaml \\
+        --k 4 16 64 256 --loss infonce eqco --alpha 256 --seeds 0 1 2 --out output/sweep_mocov2
+
+K is MoCo v2's queue length (LOSS.QUEUE_SIZE) or SiMo's in-batch negatives per query
+(LOSS.NUM_NEGATIVES, K <= N - 1), by the config's MODEL.METHOD; InfoNCE at K = alpha is the EqCo
+cell of that K (the same loss), run once. Other forms:
     python tools/sweep.py ... --out output/sweep SOLVER.EPOCHS 2      # KEY VALUE: pretraining cfg
     python tools/sweep.py ... --lincls-opt SOLVER.EPOCHS 50            # linear-eval cfg overrides
     python tools/sweep.py ... --eval-only      # only rewrite sweep.csv/md/png from finished runs
@@ -64,7 +68,7 @@ def _is_int(v: str) -> bool:
 @exit_on_user_error
 def main(argv=None) -> None:
     parser = default_argument_parser(epilog=__doc__)
-    parser.set_defaults(config_file="configs/pretrain/sweep_shapes_cpu.yaml")
+    parser.set_defaults(config_file="configs/pretrain/sweep_mocov2_shapes_cpu.yaml")
     parser.add_argument(
         "--k", nargs="+", default=["4", "16", "64", "256"], help="negatives per query (K)"
     )

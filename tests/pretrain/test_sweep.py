@@ -154,8 +154,9 @@ def test_mocov2_sweep_varies_the_queue_length(shapes, tmp_path):
 
 def test_cli_refuses_bad_input_with_one_sentence(shapes, tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "sweep.py"), "--k", "300", "--loss", "eqco"]
-        + ["--seeds", "0", "--out", str(tmp_path / "s"), "DATASETS.ROOT", shapes]
+        [sys.executable, os.path.join(ROOT, "tools", "sweep.py"), "--config-file", SWEEP_CFG]
+        + ["--k", "300", "--loss", "eqco", "--seeds", "0", "--out", str(tmp_path / "s")]
+        + ["DATASETS.ROOT", shapes]
         + ["SOLVER.IMS_PER_BATCH", "8"],
         capture_output=True,
         text=True,
