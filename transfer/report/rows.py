@@ -10,7 +10,7 @@ from typing import Any
 
 from transfer.convert import read_provenance
 from transfer.report.runs import KINDS, Run, as_count, as_number, config_seed, run_seed
-from transfer.report.seeds import lincls_seed
+from transfer.report.seeds import compare_means, lincls_seed
 from transfer.report.tables import BBOX_KEYS, COLUMNS, format_value
 
 __all__ = ["PAPER_MARK", "PAPER_ROWS", "build_rows"]
@@ -167,20 +167,13 @@ def _seed_summary(name: str, det_rows: list[dict[str, Any]], notes: list[str]) -
 def _detection_verdict(rows: list[dict[str, Any]]) -> list[str]:
     """One sentence per pair of pre-trainings with a mean row: which one's AP is higher, and
     whether the gap exceeds twice the pooled sd of the runs."""
-    means = [r for r in rows if r.get("summary") and r.get("AP") is not None]
-    notes = []
-    for i, a in enumerate(means):
-        for b in means[i + 1:]:
-            hi, lo = (a, b) if a["AP"] >= b["AP"] else (b, a)
-            sd = ((hi["AP_sd"] ** 2 + lo["AP_sd"] ** 2) / 2) ** 0.5
-            gap = hi["AP"] - lo["AP"]
-            clear = "above" if gap > 2 * sd else "within"
-            notes.append(
-                f"detection: {hi['name']} AP {hi['AP']:.1f} +- {hi['AP_sd']:.1f} vs {lo['name']} "
-                f"{lo['AP']:.1f} +- {lo['AP_sd']:.1f} (seeds {hi['det_seed']} / "
-                f"{lo['det_seed']}): the gap {gap:.1f} is {clear} 2 x the pooled sd ({2 * sd:.1f})."
-            )
-    return notes
+    means = [r for r in rows if r.get("summary")]
+    return [
+        f"detection: {hi['name']} AP {hi['AP']:.1f} +- {hi['AP_sd']:.1f} vs {lo['name']} "
+        f"{lo['AP']:.1f} +- {lo['AP_sd']:.1f} (seeds {hi['det_seed']} / {lo['det_seed']}): "
+        f"{verdict}."
+        for hi, lo, verdict in compare_means(means, "AP", "AP_sd")
+    ]
 
 
 def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any]], list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 from transfer.report.runs import Run, as_count, as_number, config_seed, run_seed
 from transfer.report.tables import format_value
 
-__all__ = ["SEED_METRICS", "lincls_seed", "seed_rows", "seed_table"]
+__all__ = ["SEED_METRICS", "compare_means", "lincls_seed", "seed_rows", "seed_table"]
 
 # (column title, results.json key) of the per-seed table
 SEED_METRICS = (("top-1", "top1"), ("kNN", "knn_top1"))
@@ -68,23 +68,33 @@ def seed_rows(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, _verdicts([r for r in rows if r.get("summary")])
 
 
+def compare_means(
+    means: list[dict[str, Any]], key: str, sd_key: str
+) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+    """Each pair of summary rows with a ``key`` mean: ``(higher, lower, "the gap G is above (or
+    within) 2 x the pooled sd (S)")`` -- above it, the difference is not seed noise."""
+    have = [m for m in means if m.get(key) is not None]
+    out = []
+    for i, a in enumerate(have):
+        for b in have[i + 1:]:
+            hi, lo = (a, b) if a[key] >= b[key] else (b, a)
+            two_sd = 2 * ((hi[sd_key] ** 2 + lo[sd_key] ** 2) / 2) ** 0.5
+            gap = hi[key] - lo[key]
+            clear = "above" if gap > two_sd else "within"
+            out.append((hi, lo, f"the gap {gap:.1f} is {clear} 2 x the pooled sd ({two_sd:.1f})"))
+    return out
+
+
 def _verdicts(means: list[dict[str, Any]]) -> list[str]:
     notes = []
     for title, key in SEED_METRICS:
-        have = [m for m in means if m.get(key) is not None]
-        for i, a in enumerate(have):
-            for b in have[i + 1:]:
-                hi, lo = (a, b) if a[key] >= b[key] else (b, a)
-                sd = ((hi[f"{key}_sd"] ** 2 + lo[f"{key}_sd"] ** 2) / 2) ** 0.5
-                gap = hi[key] - lo[key]
-                val = hi["val_images"] if hi["val_images"] == lo["val_images"] else None
-                notes.append(
-                    f"linear eval {title}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
-                    f"{lo['name']} {lo[key]:.1f} +- {lo[f'{key}_sd']:.1f} (seeds {hi['seed']} / "
-                    f"{lo['seed']}, {format_value('val_images', val)} val images): the gap "
-                    f"{gap:.1f} is {'above' if gap > 2 * sd else 'within'} 2 x the pooled sd "
-                    f"({2 * sd:.1f})."
-                )
+        for hi, lo, verdict in compare_means(means, key, f"{key}_sd"):
+            val = hi["val_images"] if hi["val_images"] == lo["val_images"] else None
+            notes.append(
+                f"linear eval {title}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
+                f"{lo['name']} {lo[key]:.1f} +- {lo[f'{key}_sd']:.1f} (seeds {hi['seed']} / "
+                f"{lo['seed']}, {format_value('val_images', val)} val images): {verdict}."
+            )
     return notes
 
 
