@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     report = make_report(args.run_dirs, args.out, paper=args.paper)
     print(report.markdown)
+    if report.seeds_markdown:
+        print("\nLinear evaluation over seeds:\n" + report.seeds_markdown)
     for note in report.notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(report.files))

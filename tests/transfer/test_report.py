@@ -501,6 +501,7 @@ def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
     assert "| simo_k16 (mean of 3) | 0 1 2 | 83.0 +- 3.0 | 72.0 +- 2.0 | 1000 |" in md
     assert "| random init (mean of 3) | 0 1 2 | 41.0 +- 1.0 | 46.0 +- 1.0 | 1000 |" in md
     assert (tmp_path / "r" / "lincls_seeds.png").is_file()
+    assert report.seeds_markdown in md and report.seeds_markdown.count("\n") == 9  # 8 rows
     verdicts = [n for n in report.notes if n.startswith("linear eval")]
     assert verdicts == [
         "linear eval top-1: simo_k16 (mean of 3) 83.0 +- 3.0 vs random init (mean of 3) 41.0 +- "

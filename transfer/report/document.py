@@ -39,6 +39,7 @@ class Report:
     rows: list[dict[str, Any]]
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seeds_markdown: str = ""  # the linear evals over seeds ("" without a multi-seed pre-training)
 
 
 def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
@@ -100,12 +101,13 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
         "K: negatives per query; alpha: EqCo's alpha.",
         "",
     ]
-    if per_seed:
+    seeds_md = seed_table(per_seed) if per_seed else ""
+    if seeds_md:
         md += [
             "Linear evaluation over seeds (pretraining SEED; for random init the SEED that drew "
             "the weights): one row per seed, then the mean +- sample sd.",
             "",
-            seed_table(per_seed),
+            seeds_md,
             "",
         ]
     md += [f"![{name}]({name})" for name in written]
@@ -116,4 +118,4 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     md_path, csv_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.csv")
     atomic_write_text(md_path, "\n".join(md) + "\n")
     write_csv(rows, csv_path)
-    return Report(table, rows, [md_path, csv_path] + files, notes)
+    return Report(table, rows, [md_path, csv_path] + files, notes, seeds_md)
