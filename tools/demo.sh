@@ -15,6 +15,15 @@ DATA=$DETECTRON2_DATASETS/shapes
 # the demo's backbone: ResNet-18 (ResNet-50 pretraining takes ~2 s/iter here, too slow for ~20 min)
 ARCH=resnet18
 DET_ARCH=(MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64)
+# PRETRAIN_SEEDS="0 1 2" make demo: pretraining and both linear evals once per SEED (random init:
+# the SEED that draws its weights), for the report's seeds table (mean +- sd); seed 0's runs are the
+# plain directories, the ones detection is fine-tuned from; finished runs are reused
+PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-0}
+case " $PRETRAIN_SEEDS " in
+  *" 0 "*) ;;
+  *) echo "PRETRAIN_SEEDS='$PRETRAIN_SEEDS' must include 0: detection is fine-tuned from seed 0's backbone."; exit 2 ;;
+esac
+sfx() { if [ "$1" = 0 ]; then echo ""; else echo "_s$1"; fi; }
 mkdir -p "$OUT"
 start=$(date +%s)
 stage() { printf '\n==== [%s] %s (%ds elapsed)\n' "$(date +%H:%M:%S)" "$1" $(( $(date +%s) - start )); }
@@ -43,23 +52,14 @@ else
   echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
-# PRETRAIN_SEEDS="0 1 2" make demo: pretraining and both linear evals once per SEED (random init:
-# the SEED that draws its weights), for the report's seeds table (mean +- sd); seed 0's runs are the
-# plain directories, the ones detection is fine-tuned from; finished runs are reused
-PRETRAIN_SEEDS=${PRETRAIN_SEEDS:-0}
-case " $PRETRAIN_SEEDS " in
-  *" 0 "*) ;;
-  *) echo "PRETRAIN_SEEDS='$PRETRAIN_SEEDS' must include 0: detection is fine-tuned from seed 0's backbone."; exit 2 ;;
-esac
-sfx() { if [ "$1" = 0 ]; then echo ""; else echo "_s$1"; fi; }
 stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7 min per seed; seeds: $PRETRAIN_SEEDS)"
 # pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
 # threads and one loader worker vs 0.44 s with 1 thread)
 for seed in $PRETRAIN_SEEDS; do
-  OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet "pretrain_simo$(sfx "$seed")" \
+  s=$(sfx "$seed")
+  OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet "pretrain_simo$s" \
     $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
-    MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo SEED "$seed" \
-    OUTPUT_DIR "$OUT/pretrain_simo$(sfx "$seed")"
+    MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo SEED "$seed" OUTPUT_DIR "$OUT/pretrain_simo$s"
 done
 
 stage "3/7 linear evaluation (cached features): SiMo, then a random-init $ARCH (seeds: $PRETRAIN_SEEDS)"

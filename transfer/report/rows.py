@@ -9,7 +9,7 @@ import statistics
 from typing import Any
 
 from transfer.convert import read_provenance
-from transfer.report.runs import KINDS, Run, as_count, as_number, config_seed, run_seed
+from transfer.report.runs import KINDS, Run, as_count, as_number, pretrain_seed, run_seed
 from transfer.report.seeds import compare_means, lincls_seed
 from transfer.report.tables import BBOX_KEYS, COLUMNS, format_value
 
@@ -28,29 +28,6 @@ PAPER_ROWS: list[dict[str, Any]] = [
     {"name": "SiMo", "method": "simo", "AP": 39.0, "AP50": 59.2, "AP75": 42.3,
      "APs": 22.9, "APm": 41.8, "APl": 50.5},
 ]  # fmt: skip
-
-
-def _pretrain_seed(pre: Run | None, lin: Run | None, prov: dict[str, Any]) -> int | None:
-    """The pretraining seed: ``seed`` in a meta or results.json of the pre-training, else SEED of
-    the pretraining run's config.yaml (its OUTPUT_DIR, or the folder of the pretraining checkpoint
-    the linear eval / the conversion read); None when no file says it."""
-    lin_meta = lin.results.get("pretrain") if lin else None
-    lin_meta = lin_meta if isinstance(lin_meta, dict) else {}
-    for source in (lin_meta, prov, pre.results if pre else {}):
-        if as_count(source.get("seed")) is not None:
-            return as_count(source.get("seed"))
-    folders = [pre.path] if pre else []
-    checkpoints = []  # only pretraining checkpoints: a random-init or torchvision file has no run
-    if lin and "pretrain" in (lin.results.get("input_kind"), lin_meta.get("kind")):
-        checkpoints.append(lin.results.get("weights"))
-    if prov.get("input_kind") == "pretrain":
-        checkpoints.append(prov.get("source"))
-    folders += [os.path.dirname(c) for c in checkpoints if isinstance(c, str) and c]
-    for folder in folders:
-        seed = config_seed(folder)
-        if seed is not None:
-            return seed
-    return None
 
 
 def _lincls_columns(lin: Run | None) -> dict[str, Any]:
@@ -94,10 +71,7 @@ def _newest(runs: list[Run], kind: str, name: str, notes: list[str]) -> Run | No
 
 
 def _seed(run: Run) -> int | None:
-    if run.kind == "lincls":
-        return lincls_seed(run)
-    seed = as_count(run.results.get("seed"))
-    return seed if seed is not None else config_seed(run.path)
+    return lincls_seed(run) if run.kind == "lincls" else pretrain_seed(run, None, {})
 
 
 def _lowest_seed(runs: list[Run], kind: str, name: str, notes: list[str]) -> Run | None:
@@ -208,7 +182,7 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
                 )
             row["top1"] = top1 if top1 is not None else prov_top1
             row.update(_lincls_columns(lin))
-            row["seed"] = _pretrain_seed(pre, lin, prov)
+            row["seed"] = pretrain_seed(pre, lin, prov)
             row["det_seed"] = run_seed(det.path) if det else None
             bbox = det.results.get("bbox") if det else None
             bbox = bbox if isinstance(bbox, dict) else {}

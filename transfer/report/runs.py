@@ -24,6 +24,7 @@ __all__ = [
     "as_number",
     "config_knn",
     "config_seed",
+    "pretrain_seed",
     "run_seed",
     "find_runs",
 ]
@@ -151,3 +152,26 @@ def config_knn(folder: str) -> tuple[int, float] | None:
         return None
     k, t = as_count(test.get("KNN_K")), as_number(test.get("KNN_T"))
     return (k, t) if k is not None and t is not None else None
+
+
+def pretrain_seed(pre: Run | None, lin: Run | None, prov: dict[str, Any]) -> int | None:
+    """The pretraining seed: ``seed`` in a meta or results.json of the pre-training, else SEED of
+    the pretraining run's config.yaml (its OUTPUT_DIR, or the folder of the pretraining checkpoint
+    the linear eval / the conversion read); None when no file says it."""
+    lin_meta = lin.results.get("pretrain") if lin else None
+    lin_meta = lin_meta if isinstance(lin_meta, dict) else {}
+    for source in (lin_meta, prov, pre.results if pre else {}):
+        if as_count(source.get("seed")) is not None:
+            return as_count(source.get("seed"))
+    folders = [pre.path] if pre else []
+    checkpoints = []  # only pretraining checkpoints: a random-init or torchvision file has no run
+    if lin and "pretrain" in (lin.results.get("input_kind"), lin_meta.get("kind")):
+        checkpoints.append(lin.results.get("weights"))
+    if prov.get("input_kind") == "pretrain":
+        checkpoints.append(prov.get("source"))
+    folders += [os.path.dirname(c) for c in checkpoints if isinstance(c, str) and c]
+    for folder in folders:
+        seed = config_seed(folder)
+        if seed is not None:
+            return seed
+    return None

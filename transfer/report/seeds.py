@@ -9,11 +9,10 @@ also uses to draw the random weights.
 
 from __future__ import annotations
 
-import os
 import statistics
 from typing import Any
 
-from transfer.report.runs import Run, as_count, as_number, config_seed, run_seed
+from transfer.report.runs import Run, as_count, as_number, pretrain_seed, run_seed
 from transfer.report.tables import format_value
 
 __all__ = ["SEED_METRICS", "compare_means", "lincls_seed", "seed_rows", "seed_table"]
@@ -30,10 +29,7 @@ def lincls_seed(run: Run) -> int | None:
     meta = meta if isinstance(meta, dict) else {}
     if "pretrain" not in (run.results.get("input_kind"), meta.get("kind")):
         return run_seed(run.path)
-    if as_count(meta.get("seed")) is not None:
-        return as_count(meta.get("seed"))
-    weights = run.results.get("weights")
-    return config_seed(os.path.dirname(weights)) if isinstance(weights, str) and weights else None
+    return pretrain_seed(None, run, {})
 
 
 def seed_rows(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
