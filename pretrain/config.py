@@ -209,8 +209,9 @@ def add_pretrain_config(cfg: PretrainCfgNode) -> None:
     cfg.TEST.KNN_K = 200
     cfg.TEST.KNN_T = 0.1
     # at each kNN period also measure instance retrieval: two seeded pretraining-augmented views
-    # of the first this many DATASETS.VAL_SPLIT images; top-1 (%) of view 1 finding its own
-    # image's view 2 among them (pretrain/health.py). 0 = off
+    # of this many evenly spaced (class-stratified) DATASETS.VAL_SPLIT images, the same views in
+    # every run; top-1 (%) of view 1 finding its own image's view 2 among them
+    # (pretrain/health.py). 0 = off
     cfg.TEST.RETRIEVAL_SIZE = 256
     # log grad_norm_q, the norm of the loss gradient w.r.t. the query embeddings (EqCo's
     # Theorem 2), every LOG_PERIOD into metrics.json (pretrain/grad_norm.py; not with

@@ -42,6 +42,7 @@ __all__ = [
     "retrieval_top1",
     "view_retrieval_top1",
     "instance_retrieval_top1",
+    "retrieval_subset",
 ]
 
 HEALTH_KEYS = (
@@ -170,6 +171,16 @@ def view_retrieval_top1(
     return retrieval_top1(f1, f2)
 
 
+def retrieval_subset(num_images: int, size: int) -> list[int]:
+    """The ``min(size, num_images)`` image indices instance retrieval runs on: evenly spaced over
+    the dataset, ``j * num_images // n``. An ImageFolder lists its images class by class, so this
+    is a class-stratified subset; the first ``n`` images would be one or two classes only (the
+    demo's first 256 of 1000 val images: 200 circles, the class without a rotation to tell two
+    instances apart, and 56 squares)."""
+    n = min(int(size), int(num_images))
+    return [j * num_images // n for j in range(n)]
+
+
 def instance_retrieval_top1(
     encoder: nn.Module,
     dataset: Dataset,
@@ -180,20 +191,21 @@ def instance_retrieval_top1(
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> float:
-    """Instance-retrieval top-1 (%) on the first ``min(size, len(dataset))`` images.
+    """Instance-retrieval top-1 (%) on :func:`retrieval_subset` ``(len(dataset), size)``.
 
     ``dataset`` applies the pretraining augmentation and accepts ``(index, seed)`` indices
-    (:class:`pretrain.data.RobustImageFolder`). View 1 and view 2 of image i are drawn with seeds
-    that depend only on (``seed``, i), so with the same ``seed`` every call sees the same views
-    and the numbers of a run are comparable across iterations. No collective: every process
-    computes the same value on the whole subset.
+    (:class:`pretrain.data.RobustImageFolder`). View 1 and view 2 of the j-th subset image are
+    drawn with seeds that depend only on (``seed``, j), so with the same ``seed`` every call, of
+    this run or of another backbone, sees the same views: the numbers are comparable across
+    iterations and across backbones (pretrained vs random init, paired). No collective: every
+    process computes the same value on the whole subset.
     """
-    n = min(int(size), len(dataset))
+    indices = retrieval_subset(len(dataset), size)
     g = torch.Generator().manual_seed(int(seed))
-    seeds = torch.randint(0, 2**62, (2, n), generator=g).tolist()
+    seeds = torch.randint(0, 2**62, (2, len(indices)), generator=g).tolist()
     loaders = [
         DataLoader(
-            Subset(dataset, [(i, s) for i, s in enumerate(view_seeds)]),
+            Subset(dataset, list(zip(indices, view_seeds))),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,

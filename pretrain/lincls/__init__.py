@@ -14,6 +14,9 @@ A supervised loop on top of the pretraining engine's pieces (launch, checkpointi
 * next to it, the weighted kNN top-1 of the frozen backbone (``TEST.KNN``, :func:`knn_accuracy`):
   val against train, both through the eval transform, cosine similarity, ``exp(s / TEST.KNN_T)``
   vote of the ``TEST.KNN_K`` nearest. The image protocol pays one extra extraction pass for it;
+* and its instance-retrieval top-1 (``TEST.RETRIEVAL_SIZE`` > 0): two augmented views of evenly
+  spaced val images, the same views as the pretraining's monitor and for every backbone
+  (:func:`pretrain.health.instance_retrieval_top1`);
 * at the end every backbone tensor is compared with MODEL.WEIGHTS (MoCo's sanity check);
   a difference raises :class:`BackboneChangedError`.
 
@@ -32,7 +35,8 @@ One job per module:
   check;
 * :mod:`~pretrain.lincls.data` -- the two image folders, per-process batches, cached features
   (extracted by :func:`pretrain.features.extract_features`, re-exported here);
-* :mod:`~pretrain.lincls.metrics` -- top-1 / top-5 of the fc, kNN top-1 of the backbone;
+* :mod:`~pretrain.lincls.metrics` -- top-1 / top-5 of the fc, kNN and retrieval top-1 of the
+  backbone;
 * :mod:`~pretrain.lincls.model` -- :class:`LinearClassifier` (frozen backbone + fc, the loss);
 * :mod:`~pretrain.lincls.evaluator` -- :class:`LinearEvaluator` (one run: train, evaluate, save);
 * :mod:`~pretrain.lincls.api` -- :func:`run_linear_eval` and :func:`evaluate_weights`

@@ -18,7 +18,14 @@ from pretrain.io import UserError
 from pretrain.lincls.config import validate_lincls_cfg
 from pretrain.lincls.data import CachedFeatures, per_rank_batch
 from pretrain.lincls.evaluator import LinearEvaluator
-from pretrain.lincls.metrics import evaluate_images, frozen_knn_top1, knn_results, percent
+from pretrain.lincls.metrics import (
+    evaluate_images,
+    frozen_knn_top1,
+    frozen_retrieval_top1,
+    knn_results,
+    percent,
+    retrieval_results,
+)
 from pretrain.lincls.weights import (
     build_linear_model,
     default_name,
@@ -37,9 +44,10 @@ def evaluate_weights(
 ) -> dict[str, Any]:
     """``--eval-only``: top-1 / top-5 of a checkpoint that already has a linear classifier for the
     val split's classes (our linear-eval checkpoint, or a supervised torchvision ResNet), and the
-    kNN top-1 of its backbone as a training run reports it (TEST.KNN: one eval-transform pass over
-    both splits); writes ``results.json`` (collective). ``seed`` is the SEED stored in a
-    linear-eval checkpoint's meta (the run that trained its fc), else None."""
+    kNN top-1 (TEST.KNN: one eval-transform pass over both splits) and instance-retrieval top-1
+    (TEST.RETRIEVAL_SIZE) of its backbone as a training run reports them; writes
+    ``results.json`` (collective). ``seed`` is the SEED stored in a linear-eval checkpoint's meta
+    (the run that trained its fc), else None."""
     weights = load_pretrained(weights_path, cfg.MODEL.ARCH, unsafe)
     val_tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
     val = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT, val_tf)
@@ -58,6 +66,7 @@ def evaluate_weights(
     per_rank = per_rank_batch(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
     acc = evaluate_images(net.to(device), val, device, per_rank, cfg.DATALOADER.NUM_WORKERS)
     knn = frozen_knn_top1(net, cfg, val, num_classes, device, per_rank)
+    retrieval = frozen_retrieval_top1(net, cfg, device, per_rank)
     seed = weights.file_meta.get("seed") if weights.kind == "lincls" else None
     pretrain_meta = dict(weights.meta)
     results = {
@@ -66,6 +75,7 @@ def evaluate_weights(
         "top1": acc["top1"],
         "top5": acc["top5"],
         **knn_results(cfg, knn),
+        **retrieval_results(cfg, retrieval, len(val)),
         "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         "weights": os.path.abspath(weights_path),
         "pretrain": pretrain_meta,
@@ -79,11 +89,13 @@ def evaluate_weights(
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_results(cfg.OUTPUT_DIR, results)
     logger.info(
-        "Eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s (%d val images)",
+        "Eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s, instance retrieval top-1 %s "
+        "(%d val images)",
         weights_path,
         acc["top1"],
         acc["top5"],
         percent(knn),
+        percent(retrieval),
         len(val),
     )
     return results

@@ -74,6 +74,16 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     cfg.TEST.KNN_K = 20
     # temperature of the vote: neighbour j weighs exp(cosine_j / KNN_T)
     cfg.TEST.KNN_T = 0.1
+    # also report the instance-retrieval top-1 (%) of the frozen backbone, as the pretraining's
+    # monitor measures it (pretrain/health.py): two augmented views (RandomResizedCrop(SIZE) with
+    # scale (RETRIEVAL_MIN_SCALE, RETRIEVAL_MAX_SCALE) + MoCo v2 colour / grey / blur / flip) of
+    # this many evenly spaced (class-stratified) VAL_SPLIT images, the same views for every
+    # backbone and every run; top-1 of view 1 finding its own image's view 2 among them. Set the
+    # scales to the pretraining's INPUT.MIN_SCALE / MAX_SCALE. 0 = off (results.json
+    # instance_retrieval_top1 null)
+    cfg.TEST.RETRIEVAL_SIZE = 0
+    cfg.TEST.RETRIEVAL_MIN_SCALE = 0.2
+    cfg.TEST.RETRIEVAL_MAX_SCALE = 1.0
 
     # train the fc on features of center crops extracted once (fast; NOT the paper protocol,
     # which augments every epoch). Set by the CLI flag --cached-features.
@@ -130,6 +140,15 @@ def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     _need(cfg.TEST.IMS_PER_BATCH >= 1, "TEST.IMS_PER_BATCH must be >= 1.")
     _need(cfg.TEST.KNN_K >= 1, f"TEST.KNN_K must be >= 1, got {cfg.TEST.KNN_K}.")
     _need(cfg.TEST.KNN_T > 0, f"TEST.KNN_T must be > 0, got {cfg.TEST.KNN_T}.")
+    _need(
+        cfg.TEST.RETRIEVAL_SIZE >= 0,
+        f"TEST.RETRIEVAL_SIZE must be >= 0 (0 = off), got {cfg.TEST.RETRIEVAL_SIZE}.",
+    )
+    _need(
+        0 < cfg.TEST.RETRIEVAL_MIN_SCALE <= cfg.TEST.RETRIEVAL_MAX_SCALE <= 1,
+        "TEST.RETRIEVAL_MIN_SCALE and RETRIEVAL_MAX_SCALE must satisfy 0 < MIN <= MAX <= 1, got "
+        f"{cfg.TEST.RETRIEVAL_MIN_SCALE} and {cfg.TEST.RETRIEVAL_MAX_SCALE}.",
+    )
     _need(cfg.INPUT.SIZE >= 8, f"INPUT.SIZE must be at least 8 pixels, got {cfg.INPUT.SIZE}.")
     _need(
         cfg.INPUT.RESIZE == 0 or cfg.INPUT.RESIZE >= cfg.INPUT.SIZE,

@@ -35,8 +35,10 @@ from pretrain.lincls.metrics import (
     evaluate_features,
     evaluate_images,
     frozen_knn_top1,
+    frozen_retrieval_top1,
     knn_results,
     percent,
+    retrieval_results,
 )
 from pretrain.lincls.model import LinearClassifier
 from pretrain.lincls.weights import (
@@ -158,6 +160,7 @@ class LinearEvaluator(TrainingRun):
         )
         self.last_eval: dict[str, float] = {}
         self.last_knn_top1: float | None = None
+        self.last_retrieval_top1: float | None = None
         self.register_hooks()
         logger.info(
             "Linear eval (%s) of %s [%s checkpoint %s]: %s, %d train / %d val images, %d classes, "
@@ -246,6 +249,15 @@ class LinearEvaluator(TrainingRun):
         )
         return self.last_knn_top1
 
+    def retrieval_eval(self) -> float | None:
+        """Instance-retrieval top-1 (%) of the frozen backbone on TEST.RETRIEVAL_SIZE val images
+        (:func:`frozen_retrieval_top1`), or None when it is 0; also kept in
+        :attr:`last_retrieval_top1`."""
+        self.last_retrieval_top1 = frozen_retrieval_top1(
+            self.net, self.cfg, self.device, self.test_per_rank
+        )
+        return self.last_retrieval_top1
+
     def meta(self) -> dict[str, Any]:
         """The checkpoint's ``meta`` (docs/formats.md): kind ``lincls``, the last val accuracy
         and the ``meta`` of the pre-training checkpoint under ``pretrain``."""
@@ -258,6 +270,7 @@ class LinearEvaluator(TrainingRun):
             "top1": self.last_eval.get("top1"),
             "top5": self.last_eval.get("top5"),
             "knn_top1": self.last_knn_top1,
+            "instance_retrieval_top1": self.last_retrieval_top1,
             "seed": int(cfg.SEED),
             "epochs": float(self.loader.epochs_done()),
             "iteration": int(self.trainer.iter) + 1,
@@ -305,7 +318,9 @@ class LinearEvaluator(TrainingRun):
             with self._fc_threads():
                 self.run_loop()
             self.trainer.iter = self.max_iter - 1  # TrainerBase leaves it at max_iter
-        self.knn_eval()  # before the sanity check, which then covers its forward passes too
+        # before the sanity check, which then covers their forward passes too
+        self.knn_eval()
+        self.retrieval_eval()
         checked = check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
         logger.info("Sanity check passed: %d backbone tensors equal MODEL.WEIGHTS.", checked)
         # the hook saved model_final before the final eval; save it again with top-1 in meta
@@ -319,6 +334,7 @@ class LinearEvaluator(TrainingRun):
             "top1": self.last_eval["top1"],
             "top5": self.last_eval["top5"],
             **knn_results(self.cfg, self.last_knn_top1),
+            **retrieval_results(self.cfg, self.last_retrieval_top1, len(self.val_set)),
             "seed": int(self.cfg.SEED),
             "weights": os.path.abspath(self.weights.path),
             "pretrain": dict(self.weights.meta),
@@ -336,12 +352,13 @@ class LinearEvaluator(TrainingRun):
         }
         self.write_results(results)
         logger.info(
-            "Linear eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s (%d val images, "
-            "SEED %d) -> %s",
+            "Linear eval of %s: top-1 %.2f%%, top-5 %.2f%%, kNN top-1 %s, instance retrieval "
+            "top-1 %s (%d val images, SEED %d) -> %s",
             self.name,
             results["top1"],
             results["top5"],
             percent(results["knn_top1"]),
+            percent(results["instance_retrieval_top1"]),
             results["val_images"],
             results["seed"],
             os.path.join(self.cfg.OUTPUT_DIR, "results.json"),

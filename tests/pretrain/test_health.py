@@ -3,6 +3,7 @@ hook's host reads (none outside log steps), instance retrieval, and a real run's
 
 import json
 import logging
+from collections import Counter
 import math
 import os
 from types import SimpleNamespace
@@ -25,11 +26,15 @@ from pretrain.health import (
     emb_std,
     embedding_stats,
     instance_retrieval_top1,
+    retrieval_subset,
     retrieval_top1,
     uniformity,
     view_retrieval_top1,
 )
 from pretrain.io import UserError
+from pretrain.lincls.config import get_lincls_cfg
+from pretrain.lincls.metrics import frozen_retrieval_top1
+from pretrain.lincls.weights import build_linear_model, load_pretrained
 from pretrain.losses import dcl, infonce
 from pretrain.methods import MoCoV2, SimCLR, SimCo, SimMoCo, SiMo
 from pretrain.models import build_encoder
@@ -258,6 +263,45 @@ def test_instance_retrieval_is_deterministic(shapes):
     assert torch.equal(val[(0, 1)][0], val[(0, 1)][0])
 
 
+def test_retrieval_subset_is_evenly_spaced_and_class_stratified():
+    assert retrieval_subset(1000, 256)[:4] == [0, 3, 7, 11]
+    assert retrieval_subset(10, 256) == list(range(10))  # a small split: all of it
+    assert retrieval_subset(0, 256) == []
+    # the demo's val split in ImageFolder order: 5 classes x 200 images, class by class. The
+    # first 256 would be 200 of class 0 and 56 of class 1; the subset holds every class equally
+    labels = [c for c in range(5) for _ in range(200)]
+    counts = Counter(labels[i] for i in retrieval_subset(1000, 256))
+    assert sum(counts.values()) == 256 and set(counts) == set(range(5))
+    assert set(counts.values()) <= {51, 52}
+
+
+class _Recording(torch.utils.data.Dataset):
+    """40 constant images; remembers which ``(index, seed)`` items were read."""
+
+    def __init__(self):
+        self.read = []
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, item):
+        self.read.append(item)
+        return torch.full((3, 16, 16), float(item[0]) / 40), 0
+
+
+def test_instance_retrieval_reads_the_spaced_subset_with_the_same_seeds_per_image():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", 16, 32).eval()
+    data = _Recording()
+    instance_retrieval_top1(encoder, data, torch.device("cpu"), size=10, seed=0, batch_size=4)
+    first, second = data.read[:10], data.read[10:]
+    assert [i for i, _ in first] == [i for i, _ in second] == retrieval_subset(40, 10)
+    assert all(a != b for (_, a), (_, b) in zip(first, second))  # two different views
+    data.read.clear()
+    instance_retrieval_top1(encoder, data, torch.device("cpu"), size=10, seed=0, batch_size=3)
+    assert data.read == first + second  # the same views whatever the batch size
+
+
 def test_retrieval_size_config_key():
     assert get_pretrain_cfg().TEST.RETRIEVAL_SIZE == 256
     with pytest.raises(UserError, match="TEST.RETRIEVAL_SIZE must be >= 0"):
@@ -298,3 +342,16 @@ def test_short_run_logs_health_and_retrieval(shapes, tmp_path, caplog, tiny_pret
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["instance_retrieval_top1"] == retrieval[-1]
     assert any("instance retrieval top-1" in r.getMessage() for r in caplog.records)
+
+    # the linear eval's retrieval of the saved backbone, with the pretraining's views and size,
+    # is the monitor's last value: one metric, and a random-init backbone gets the same images
+    lin = get_lincls_cfg()
+    lin.merge_from_list(["MODEL.ARCH", "resnet18", "INPUT.SIZE", cfg.INPUT.SIZE,
+                         "DATASETS.ROOT", shapes, "DATALOADER.NUM_WORKERS", 0,
+                         "TEST.RETRIEVAL_SIZE", cfg.TEST.RETRIEVAL_SIZE,
+                         "TEST.RETRIEVAL_MIN_SCALE", cfg.INPUT.MIN_SCALE,
+                         "TEST.RETRIEVAL_MAX_SCALE", cfg.INPUT.MAX_SCALE])  # fmt: skip
+    weights = load_pretrained(str(tmp_path / "run" / "model_final.pth"), "resnet18")
+    net = build_linear_model("resnet18", 5, weights)
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    assert frozen_retrieval_top1(net, lin, torch.device("cpu"), batch) == retrieval[-1]

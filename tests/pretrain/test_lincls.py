@@ -429,6 +429,13 @@ def test_shipped_configs_load_and_follow_the_protocol():
     assert (demo.MODEL.ARCH, demo.INPUT.SIZE) == (pre.MODEL.ARCH, pre.INPUT.SIZE)
     assert demo.DATASETS.ROOT == pre.DATASETS.ROOT
     assert (demo.SOLVER.BASE_LR, demo.SOLVER.EPOCHS) == (30.0, 100)
+    # its retrieval is the pretraining monitor's: same views (crop scales), same val images
+    t = demo.TEST
+    assert t.RETRIEVAL_MIN_SCALE == pre.INPUT.MIN_SCALE
+    assert t.RETRIEVAL_MAX_SCALE == pre.INPUT.MAX_SCALE
+    assert t.RETRIEVAL_SIZE == pre.TEST.RETRIEVAL_SIZE
+    assert demo.DATASETS.VAL_SPLIT == pre.DATASETS.VAL_SPLIT
+    assert moco.TEST.RETRIEVAL_SIZE == 0  # ImageNet linear evals do not pay for it
 
 
 def test_run_keys_are_shared_with_pretraining():
@@ -460,6 +467,9 @@ def test_run_keys_are_shared_with_pretraining():
         (["SOLVER.LR_DROP_EPOCHS", "[80, 60]"], "must be strictly increasing"),
         (["DATASETS.ROOT", "/nonexistent"], "/nonexistent/train is not a folder"),
         (["SOLVER.EPOCHS"], "KEY VALUE pairs"),
+        (["TEST.RETRIEVAL_SIZE", "-1"], "TEST.RETRIEVAL_SIZE must be >= 0 (0 = off), got -1."),
+        (["TEST.RETRIEVAL_MIN_SCALE", "0.5", "TEST.RETRIEVAL_MAX_SCALE", "0.3"],
+         "TEST.RETRIEVAL_MIN_SCALE and RETRIEVAL_MAX_SCALE must satisfy 0 < MIN <= MAX <= 1"),
     ],
 )
 def test_bad_config_is_one_clear_user_error(opts, message, shapes):
@@ -502,6 +512,11 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     assert res["iterations"] == 100 and res["cached_features"] is True
     assert (res["knn_k"], res["knn_t"], res["seed"], res["val_images"]) == (20, 0.1, 0, 50)
     assert res["knn_top1"] > 50.0
+    # shapes_cpu.yaml's instance retrieval: the 50 val images (fewer than its 256), k hits of 50
+    assert res["retrieval_images"] == 50
+    assert res["instance_retrieval_top1"] * 50 / 100 == pytest.approx(
+        round(res["instance_retrieval_top1"] * 50 / 100)
+    )
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     evals = [m for m in metrics if "val/top1" in m]
     assert [m["iteration"] for m in evals] == [49, 100]  # every 5 epochs, then the final one
@@ -540,6 +555,9 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     # that trained the fc (from the checkpoint's meta)
     assert again["knn_top1"] == pytest.approx(res["knn_top1"]) and again["seed"] == 0
     assert (again["knn_k"], again["knn_t"], again["val_images"]) == (20, 0.1, 50)
+    # and the same views of the same images: the same retrieval
+    assert again["instance_retrieval_top1"] == res["instance_retrieval_top1"]
+    assert again["retrieval_images"] == 50
 
 
 def test_eval_only_reproduces_a_supervised_head_and_needs_one(shapes, oracle, tmp_path):

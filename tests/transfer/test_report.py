@@ -20,7 +20,7 @@ from transfer.report.runs import find_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = (
-    "| name | method | loss | K | alpha | epochs | top-1 | kNN | val | seed | det seed "
+    "| name | method | loss | K | alpha | epochs | top-1 | kNN | retrieval | val | seed | det seed "
     "| AP | AP sd | AP50 | AP75 | APs | APm | APl |"
 )
 
@@ -94,6 +94,8 @@ def runs(tmp_path):
         "pretrain": SIMO_META,
         "input_kind": "pretrain",
         "val_images": 50000,
+        "instance_retrieval_top1": 12.5,
+        "retrieval_images": 256,
     }
     _run(root, "lincls/simo_k16", lincls)
     # the random-init baseline, evaluated the same way (a torchvision file: no pretraining seed)
@@ -110,6 +112,8 @@ def runs(tmp_path):
         "pretrain": {},
         "input_kind": "torchvision",
         "val_images": 50000,
+        "instance_retrieval_top1": 6.3,
+        "retrieval_images": 256,
     }
     _run(root, "lincls/random_init", rand_lincls)
     det_metrics = [
@@ -156,29 +160,31 @@ def test_report_table_csv_and_plots(runs, tmp_path):
     rows = _rows(report.markdown)
     assert list(rows) == ["mocov2_q65536", "simo_k16", "random init"]
     assert rows["simo_k16"] == [
-        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1", "61.3", "50000", "3", "-",
+        "simo_k16", "simo", "eqco", "16", "256", "200", "68.1", "61.3", "12.5", "50000", "3", "-",
         "39.0", "-", "59.2", "42.3", "-", "41.8", "50.5",
     ]  # fmt: skip
     # a pre-training that was never transferred: no AP, no top-1, and alpha not made up
     assert rows["mocov2_q65536"] == [
         "mocov2_q65536", "mocov2", "infonce", "65536", "-", "200", "-", "-", "-", "-", "-",
-        "-", "-", "-", "-", "-", "-", "-",
+        "-", "-", "-", "-", "-", "-", "-", "-",
     ]  # fmt: skip
     # the baseline: probe and kNN under the same evaluation; random weights have no pretraining
     assert rows["random init"] == [
-        "random init", "-", "-", "-", "-", "-", "30.0", "35.0", "50000", "-", "-",
+        "random init", "-", "-", "-", "-", "-", "30.0", "35.0", "6.3", "50000", "-", "-",
         "25.4", "-", "41.0", "26.1", "9.9", "27.3", "35.0",
     ]  # fmt: skip
 
     md = (out / "report.md").read_text()
     assert report.markdown in md and "[paper]" not in md
     assert "kNN top-1 (%) of the same frozen backbone on the same val split (k=20, T=0.1)" in md
+    assert "retrieval: instance-retrieval top-1 (%) of that backbone" in md
     with open(out / "report.csv", newline="") as f:
         table = list(csv.DictReader(f))
     simo = next(r for r in table if r["name"] == "simo_k16")
     assert float(simo["AP"]) == 39.0123 and simo["APs"] == "-" and float(simo["top-1"]) == 68.1
     assert float(simo["kNN"]) == 61.26 and simo["val"] == "50000" and simo["seed"] == "3"
     assert (simo["knn_k"], simo["knn_t"], simo["lincls_seed"]) == ("20", "0.1", "0")
+    assert float(simo["retrieval"]) == 12.5 and simo["retrieval_images"] == "256"
     assert simo["detection_dir"] == str(runs / "det" / "simo_k16")
     assert simo["lincls_dir"] == str(runs / "lincls" / "simo_k16")
     assert len(table) == 3 and all(r["source"] == "this work" for r in table)
@@ -197,10 +203,10 @@ def test_paper_rows_are_marked(runs, tmp_path):
     report = make_report([str(runs)], str(tmp_path / "r"), paper=True)
     rows = _rows(report.markdown)
     assert rows["SiMo [paper]"] == [
-        "SiMo [paper]", "simo", "-", "-", "-", "-", "-", "-", "-", "-", "-",
+        "SiMo [paper]", "simo", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
         "39.0", "-", "59.2", "42.3", "22.9", "41.8", "50.5",
     ]  # fmt: skip
-    assert rows["supervised IN [paper]"][11:] == [
+    assert rows["supervised IN [paper]"][12:] == [
         "39.0", "-", "59.1", "42.6", "22.4", "42.2", "50.6"
     ]
     assert len(rows) == 3 + len(PAPER_ROWS)
@@ -217,7 +223,7 @@ def test_run_dirs_given_one_by_one(runs, tmp_path):
     assert list(rows) == ["simo_k16"]
     # no pretraining run given: the seed still comes from the folder of the checkpoint that the
     # linear eval read
-    assert rows["simo_k16"][6:12] == ["68.1", "61.3", "50000", "3", "-", "39.0"]
+    assert rows["simo_k16"][6:13] == ["68.1", "61.3", "12.5", "50000", "3", "-", "39.0"]
     # no pretraining run given: no loss curve, and the report says so instead of drawing nothing
     assert not (tmp_path / "r" / "pretrain_loss.png").exists()
     assert any("no pretraining loss curves" in n for n in report.notes)
@@ -235,7 +241,7 @@ def test_provenance_read_from_converted_weights(tmp_path):
     _run(tmp_path, "det", det)
     rows = _rows(make_report([str(tmp_path / "det")], str(tmp_path / "r")).markdown)
     assert rows["simclr_dcl"] == [
-        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "-", "-", "-", "-",
+        "simclr_dcl", "simclr", "dcl", "510", "-", "100", "55.5", "-", "-", "-", "-", "-",
         "1.2", "-", "-", "-", "-", "-", "-",
     ]  # fmt: skip
 
@@ -251,8 +257,8 @@ def test_duplicates_and_disagreements_are_reported(runs, tmp_path):
     _run(runs, "lincls/simo_k16_old", old, mtime=time.time() - 3600)
     report = make_report([str(runs)], str(tmp_path / "r"))
     rows = _rows(report.markdown)
-    assert rows["simo_k16 (simo_k16)"][6:12] == ["68.1", "61.3", "50000", "3", "-", "39.0"]
-    assert rows["simo_k16 (simo_k16_seed1)"][6:12] == ["68.1", "61.3", "50000", "3", "-", "38.5"]
+    assert rows["simo_k16 (simo_k16)"][6:13] == ["68.1", "61.3", "12.5", "50000", "3", "-", "39.0"]
+    assert rows["simo_k16 (simo_k16_seed1)"][7:13] == ["61.3", "12.5", "50000", "3", "-", "38.5"]
     notes = " ".join(report.notes)
     assert "2 lincls results" in notes and "simo_k16_old" in notes
     assert "top-1 68.1" in notes and "60.0 in the converted weights" in notes
@@ -271,10 +277,10 @@ def test_detection_seeds_mean_sd_and_verdict(runs, tmp_path):
         (runs / rel / "results.json").unlink()  # the fixture's unseeded run is not one of them
     report = make_report([str(runs)], str(tmp_path / "r"))
     rows = _rows(report.markdown)
-    assert rows["simo_k16 (simo_k16_s1)"][9:13] == ["3", "1", "37.0", "-"]
+    assert rows["simo_k16 (simo_k16_s1)"][10:14] == ["3", "1", "37.0", "-"]
     mean = rows["simo_k16 (mean of 3)"]
-    assert mean[6:14] == ["68.1", "61.3", "50000", "3", "0 1 2", "39.0", "2.0", "59.2"]
-    assert rows["random init (mean of 3)"][10:13] == ["0 1 2", "25.0", "1.0"]
+    assert mean[6:15] == ["68.1", "61.3", "12.5", "50000", "3", "0 1 2", "39.0", "2.0", "59.2"]
+    assert rows["random init (mean of 3)"][11:14] == ["0 1 2", "25.0", "1.0"]
     verdict = [n for n in report.notes if n.startswith("detection:")]
     assert verdict == [
         "detection: simo_k16 (mean of 3) AP 39.0 +- 2.0 vs random init (mean of 3) 25.0 +- 1.0 "
@@ -298,21 +304,21 @@ def test_old_results_without_knn_and_seed_sources(runs, tmp_path):
     # the linear-eval folder has a config.yaml too, but it is no pretraining config
     (runs / "lincls" / "mocov2" / "config.yaml").write_text("MODEL:\n  ARCH: resnet50\nSEED: 9\n")
     rows = _rows(make_report([str(runs)], str(tmp_path / "r")).markdown)
-    assert rows["mocov2_q65536"][6:10] == ["47.2", "-", "-", "-"]
+    assert rows["mocov2_q65536"][6:11] == ["47.2", "-", "-", "-", "-"]
 
     # the pretraining run's folder holds its config; SEED -1 (drawn at random) is no seed, a meta
     # "seed" wins over any config
     def seed_cell(config_seed):
         pre_config = runs / "pretrain" / "mocov2" / "config.yaml"
         pre_config.write_text(f"MODEL:\n  METHOD: mocov2\nSEED: {config_seed}\n")
-        return _rows(make_report([str(runs)], str(tmp_path / "r")).markdown)["mocov2_q65536"][9]
+        return _rows(make_report([str(runs)], str(tmp_path / "r")).markdown)["mocov2_q65536"][10]
 
     assert (seed_cell(7), seed_cell(-1)) == ("7", "-")
     old["pretrain"]["seed"] = 11
     old.update(knn_top1=40.04, knn_k=200, knn_t=0.07, val_images=1000)
     (runs / "lincls" / "mocov2" / "results.json").write_text(json.dumps(old))
     report = make_report([str(runs)], str(tmp_path / "r"))
-    assert _rows(report.markdown)["mocov2_q65536"][6:10] == ["47.2", "40.0", "1000", "11"]
+    assert _rows(report.markdown)["mocov2_q65536"][6:11] == ["47.2", "40.0", "-", "1000", "11"]
     assert report.notes[-2:] == [
         "the linear evals differ in kNN settings (k, T) (200, 0.07: mocov2_q65536; 20, 0.1: "
         "simo_k16, random init); compare with care.",
@@ -365,6 +371,7 @@ def test_pretrain_health_plot(runs, tmp_path):
     md = (out / "report.md").read_text()
     assert "![pretrain_health.png](pretrain_health.png)" in md
     assert "Dashed: kNN top-1 of each random-init linear eval" in md
+    assert "and its instance-retrieval top-1, the monitor's measurement when" in md
     # monitor k=200 vs lincls k=20: said in the notes, one note per (run, baseline)
     label = "random init kNN (lincls, k=20, T=0.1)"
     health_notes = [n for n in report.notes if "pretrain_health.png" in n]
@@ -388,7 +395,8 @@ def test_pretrain_health_plot(runs, tmp_path):
     # the older runs have a loss only: drawn in the loss panel, in no other
     assert drawn.series["loss"]["simo_k16"][0] == (19, 9.0 - 19 / 200)
     assert drawn.series["loss"]["mocov2_q65536"] == [(9, 8.0), (19, 7.5)]
-    assert drawn.baselines == {label: 35.0}
+    # and the random-init linear eval's retrieval on the retrieval panel
+    assert drawn.baselines == {label: 35.0, "random init retrieval (lincls)": 6.3}
 
     # the same k / T on both sides: no note; a monitor without its config: the report says so
     (runs / "pretrain" / "simo_health" / "config.yaml").write_text(
@@ -483,23 +491,28 @@ def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
     rand = json.loads((runs / "lincls" / "random_init" / "results.json").read_text())
     for rel in ("lincls/simo_k16", "lincls/random_init", "pretrain/simo_k16"):  # seed 3's
         (runs / rel / "results.json").unlink()
-    for seed, (top1, knn, rtop1, rknn) in enumerate(((80.0, 70.0, 40.0, 45.0),
-                                                     (86.0, 74.0, 42.0, 47.0),
-                                                     (83.0, 72.0, 41.0, 46.0))):  # fmt: skip
+    # (top-1, kNN, retrieval) of SiMo, then of random init, per seed
+    per_seed = (((80.0, 70.0, 14.0), (40.0, 45.0, 7.0)),
+                ((86.0, 74.0, 18.0), (42.0, 47.0, 6.0)),
+                ((83.0, 72.0, 16.0), (41.0, 46.0, 8.0)))  # fmt: skip
+    for seed, ((top1, knn, ret), (rtop1, rknn, rret)) in enumerate(per_seed):
         pre = runs / "pretrain" / f"simo_s{seed}"
         pre.mkdir(parents=True)
         (pre / "config.yaml").write_text(f"MODEL:\n  METHOD: simo\nSEED: {seed}\n")
         weights = str(pre / "model_final.pth")
         _run(runs, f"lincls/simo_s{seed}",
-             {**base, "top1": top1, "knn_top1": knn, "weights": weights, "val_images": 1000})
+             {**base, "top1": top1, "knn_top1": knn, "instance_retrieval_top1": ret,
+              "weights": weights, "val_images": 1000})  # fmt: skip
         d = _run(runs, f"lincls/random_init_s{seed}",
-                 {**rand, "top1": rtop1, "knn_top1": rknn, "val_images": 1000})
+                 {**rand, "top1": rtop1, "knn_top1": rknn, "instance_retrieval_top1": rret,
+                  "val_images": 1000})  # fmt: skip
         (runs / d / "config.yaml").write_text(f"MODEL:\n  ARCH: resnet18\nSEED: {seed}\n")
     report = make_report([str(runs)], str(tmp_path / "r"))
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| simo_k16 | 1 | 86.0 | 74.0 | 1000 |" in md
-    assert "| simo_k16 (mean of 3) | 0 1 2 | 83.0 +- 3.0 | 72.0 +- 2.0 | 1000 |" in md
-    assert "| random init (mean of 3) | 0 1 2 | 41.0 +- 1.0 | 46.0 +- 1.0 | 1000 |" in md
+    assert "| simo_k16 | 1 | 86.0 | 74.0 | 18.0 | 1000 |" in md
+    assert "| simo_k16 (mean of 3) | 0 1 2 | 83.0 +- 3.0 | 72.0 +- 2.0 | 16.0 +- 2.0 | 1000 |" in md
+    rand_row = "| random init (mean of 3) | 0 1 2 | 41.0 +- 1.0 | 46.0 +- 1.0 | 7.0 +- 1.0 | 1000 |"
+    assert rand_row in md
     assert (tmp_path / "r" / "lincls_seeds.png").is_file()
     assert report.seeds_markdown in md and report.seeds_markdown.count("\n") == 9  # 8 rows
     verdicts = [n for n in report.notes if n.startswith("linear eval")]
@@ -511,9 +524,15 @@ def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
         "1.0 (seeds 0 1 2 / 0 1 2, 1000 val images): the gap 26.0 is above 2 x the pooled sd "
         "(3.2).",
     ]
+    retrieval = [n for n in report.notes if n.startswith("instance retrieval")]
+    assert retrieval == [
+        "instance retrieval: simo_k16 (mean of 3) 16.0 +- 2.0 vs random init (mean of 3) 7.0 +- "
+        "1.0 (seeds 0 1 2 / 0 1 2, 256 val images in the gallery): the gap 9.0 is above 2 x the "
+        "pooled sd (3.2).",
+    ]
     # the main table: seed 0's linear eval for both (SiMo's seed from its checkpoint's folder)
     rows = _rows(report.markdown)
-    assert rows["simo_k16"][6:10] == ["80.0", "70.0", "1000", "0"]
-    assert rows["random init"][6:9] == ["40.0", "45.0", "1000"]
+    assert rows["simo_k16"][6:11] == ["80.0", "70.0", "14.0", "1000", "0"]
+    assert rows["random init"][6:10] == ["40.0", "45.0", "7.0", "1000"]
     assert any("'simo_k16': lincls runs of seeds 0 1 2; the row shows seed 0" in n
                for n in report.notes)

@@ -97,7 +97,10 @@ def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     md += [
         'Missing values are shown as "-". AP: COCO box AP (%) of the detection run; top-1: '
         "linear-eval top-1 (%); kNN: weighted kNN top-1 (%) of the same frozen backbone on the "
-        f"same val split ({knn}); val: images in that val split; seed: the pretraining SEED; "
+        f"same val split ({knn}); retrieval: instance-retrieval top-1 (%) of that backbone, two "
+        "augmented views of each of the val images in report.csv's retrieval_images (chance: 100 "
+        "/ that number), the same views for every backbone; val: images in that val split; "
+        "seed: the pretraining SEED; "
         "K: negatives per query; alpha: EqCo's alpha.",
         "",
     ]

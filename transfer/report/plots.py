@@ -162,21 +162,25 @@ HEALTH_PANELS: list[tuple[str, tuple[str, ...], str, str]] = [
 ]  # fmt: skip
 RANDOM_INIT = "random init"
 RANDOM_INIT_KNN = "random init kNN (lincls)"
+RANDOM_INIT_RETRIEVAL = "random init retrieval (lincls)"
 HEALTH_CAPTION = (
     "pretrain_health.png: per pretraining run vs iteration, the training loss, the health metrics "
     "(contrastive top-1 as a fraction; alignment, uniformity, embedding std of the normalised "
     "embeddings) and the kNN monitor's kNN / instance-retrieval top-1 (%) on DATASETS.VAL_SPLIT; "
     "panels no run logged are left out. Dashed: kNN top-1 of each random-init linear eval "
     "(lincls's own kNN: its k, T and val split), the same measurement as the monitor only when "
-    "both are configured alike."
+    "both are configured alike; and its instance-retrieval top-1, the monitor's measurement when "
+    "the linear eval's TEST.RETRIEVAL_SIZE / RETRIEVAL_MIN_SCALE / RETRIEVAL_MAX_SCALE are the "
+    "pretraining's TEST.RETRIEVAL_SIZE / INPUT.MIN_SCALE / MAX_SCALE (configs/lincls/"
+    "shapes_cpu.yaml and the demo's pretraining: yes)."
 )
 
 
 @dataclass
 class HealthPlot:
     """What :func:`plot_pretrain_health` drew: ``series[panel][run label]`` = [(iteration, value)]
-    as read from metrics.json, ``baselines[legend label]`` = random-init lincls kNN top-1 (%), and
-    notes on how comparable the two kNN measurements are."""
+    as read from metrics.json, ``baselines[legend label]`` = random-init lincls kNN or retrieval
+    top-1 (%), and notes on how comparable the two kNN measurements are."""
 
     series: dict[str, dict[str, list[tuple[int, float]]]]
     baselines: dict[str, float] = field(default_factory=dict)
@@ -209,9 +213,30 @@ def _random_init_knn(runs: list[Run]) -> list[tuple[str, float, tuple[Any, Any] 
     return lines
 
 
+def _random_init_retrieval(runs: list[Run]) -> list[tuple[str, float]]:
+    """(legend label, instance-retrieval top-1) of each random-init lincls run that measured it."""
+    found = [
+        r
+        for r in runs
+        if r.kind == "lincls"
+        and r.name == RANDOM_INIT
+        and as_number(r.results.get("instance_retrieval_top1")) is not None
+    ]
+    return [
+        (
+            RANDOM_INIT_RETRIEVAL
+            if len(found) == 1
+            else f"{RANDOM_INIT_RETRIEVAL[:-1]}, {os.path.basename(os.path.normpath(r.path))})",
+            float(r.results["instance_retrieval_top1"]),
+        )
+        for r in found
+    ]
+
+
 def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
     """``pretrain_health.png``: one panel per :data:`HEALTH_PANELS` entry that a pretraining run
-    logged, one line per run; the kNN panel also gets a dashed line per random-init lincls run.
+    logged, one line per run; the kNN and retrieval panels also get a dashed line per random-init
+    lincls run that measured them.
     Returns what was drawn, or None (nothing written) when no pretraining run logged a health or
     kNN-monitor key (runs from before these metrics)."""
     pretrain = [r for r in runs if r.kind == "pretrain"]
@@ -228,6 +253,7 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
         return None
     notes = []
     baselines = _random_init_knn(runs) if "knn_top1" in series else []
+    retrieval = _random_init_retrieval(runs) if "instance_retrieval_top1" in series else []
     for _, _, setting, where in baselines:
         for run_label, own in monitor.items():
             if own is None or setting is None:
@@ -258,6 +284,9 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
                 title = f"{title} ({_knn_text(next(iter(settings)))})"
             for i, (label, value, _, _) in enumerate(baselines):
                 ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
+        if panel == "instance_retrieval_top1":
+            for i, (label, value) in enumerate(retrieval):
+                ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
         ax.set(xlabel="iteration", ylabel=ylabel)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
@@ -265,12 +294,14 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
         ax.remove()
     fig.suptitle("Pretraining health")
     save_figure(fig, path, dpi=110)
-    return HealthPlot(series, {label: value for label, value, _, _ in baselines}, notes)
+    drawn = {label: value for label, value, _, _ in baselines}
+    return HealthPlot(series, {**drawn, **dict(retrieval)}, notes)
 
 
 def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
-    """``lincls_seeds.png``: per pre-training, each seed's linear and kNN top-1 as dots and the mean
-    with its sd as a bar; False (nothing written) without any multi-seed pre-training."""
+    """``lincls_seeds.png``: per pre-training, each seed's linear, kNN and instance-retrieval top-1
+    (of its linear-eval run) as dots and the mean with its sd as a bar; False (nothing written)
+    without any multi-seed pre-training."""
     means = [r for r in rows if r.get("summary")]
     if not means:
         return False
@@ -286,9 +317,12 @@ def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
         ax.set_xticks(range(len(means)))
         ax.set_xticklabels([m["name"] for m in means], fontsize=8)
         ax.set_ylabel(f"{title} (%)")
-        ax.set_ylim(0, 100)
-        val = {m["val_images"] for m in means}
-        ax.set_title(f"linear eval {title}, val {format_value('val_images', val.pop())}"
-                     if len(val) == 1 else f"linear eval {title}")
+        # retrieval top-1 is a few % (chance: 1 / gallery): its own scale, its own image count
+        retrieval = key == "instance_retrieval_top1"
+        ax.set_ylim(0, None if retrieval else 100)
+        size, what = ("retrieval_images", "gallery") if retrieval else ("val_images", "val")
+        name = "instance retrieval" if retrieval else f"linear eval {title}"
+        val = {m.get(size) for m in means}
+        ax.set_title(f"{name}, {what} {format_value(size, val.pop())}" if len(val) == 1 else name)
     save_figure(fig, path, dpi=120)
     return True

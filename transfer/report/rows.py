@@ -31,11 +31,13 @@ PAPER_ROWS: list[dict[str, Any]] = [
 
 
 def _lincls_columns(lin: Run | None) -> dict[str, Any]:
-    """kNN top-1, val-set size, kNN settings and SEED of the linear-eval run ("-" in files written
-    before these keys existed)."""
+    """kNN and instance-retrieval top-1, val-set size, kNN settings, retrieval gallery size and
+    SEED of the linear-eval run ("-" in files written before these keys existed)."""
     res = lin.results if lin else {}
     return {
         "knn_top1": as_number(res.get("knn_top1")),
+        "instance_retrieval_top1": as_number(res.get("instance_retrieval_top1")),
+        "retrieval_images": as_count(res.get("retrieval_images")),
         "val_images": as_count(res.get("val_images")),
         "knn_k": as_count(res.get("knn_k")),
         "knn_t": as_number(res.get("knn_t")),
@@ -46,7 +48,11 @@ def _lincls_columns(lin: Run | None) -> dict[str, Any]:
 def _differing_evaluations(rows: list[dict[str, Any]]) -> list[str]:
     """Notes when the rows' kNN numbers do not come from one evaluation setting."""
     notes = []
-    for keys, what in ((("knn_k", "knn_t"), "kNN settings (k, T)"), (("val_images",), "val sizes")):
+    for keys, what in (
+        (("knn_k", "knn_t"), "kNN settings (k, T)"),
+        (("val_images",), "val sizes"),
+        (("retrieval_images",), "retrieval gallery sizes"),
+    ):
         seen: dict[str, list[str]] = {}
         for row in rows:
             values = tuple(row.get(k) for k in keys)

@@ -18,7 +18,7 @@ from transfer.report.tables import format_value
 __all__ = ["SEED_METRICS", "compare_means", "lincls_seed", "seed_rows", "seed_table"]
 
 # (column title, results.json key) of the per-seed table
-SEED_METRICS = (("top-1", "top1"), ("kNN", "knn_top1"))
+SEED_METRICS = (("top-1", "top1"), ("kNN", "knn_top1"), ("retrieval", "instance_retrieval_top1"))
 
 
 def lincls_seed(run: Run) -> int | None:
@@ -49,12 +49,14 @@ def seed_rows(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
             res = per_seed[seed].results
             row = {"name": name, "group": name, "seed": str(seed)}
             row["val_images"] = as_count(res.get("val_images"))
+            row["retrieval_images"] = as_count(res.get("retrieval_images"))
             row.update({key: as_number(res.get(key)) for _, key in SEED_METRICS})
             group.append(row)
         mean = {"name": f"{name} (mean of {len(group)})", "group": name, "summary": True}
         mean["seed"] = " ".join(r["seed"] for r in group)
-        sizes = {r["val_images"] for r in group}
-        mean["val_images"] = sizes.pop() if len(sizes) == 1 else None
+        for size in ("val_images", "retrieval_images"):
+            sizes = {r[size] for r in group}
+            mean[size] = sizes.pop() if len(sizes) == 1 else None
         for _, key in SEED_METRICS:
             values = [r[key] for r in group if r[key] is not None]
             complete = len(values) == len(group)
@@ -84,12 +86,17 @@ def compare_means(
 def _verdicts(means: list[dict[str, Any]]) -> list[str]:
     notes = []
     for title, key in SEED_METRICS:
+        # the retrieval is measured on a gallery of retrieval_images of the val images
+        retrieval = key == "instance_retrieval_top1"
+        size = "retrieval_images" if retrieval else "val_images"
+        what, images = ("instance retrieval", "val images in the gallery") if retrieval else (
+            f"linear eval {title}", "val images")
         for hi, lo, verdict in compare_means(means, key, f"{key}_sd"):
-            val = hi["val_images"] if hi["val_images"] == lo["val_images"] else None
+            n = hi[size] if hi[size] == lo[size] else None
             notes.append(
-                f"linear eval {title}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
+                f"{what}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
                 f"{lo['name']} {lo[key]:.1f} +- {lo[f'{key}_sd']:.1f} (seeds {hi['seed']} / "
-                f"{lo['seed']}, {format_value('val_images', val)} val images): {verdict}."
+                f"{lo['seed']}, {format_value(size, n)} {images}): {verdict}."
             )
     return notes
 

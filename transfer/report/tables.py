@@ -30,6 +30,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("epochs", "epochs"),
     ("top-1", "top1"),
     ("kNN", "knn_top1"),
+    ("retrieval", "instance_retrieval_top1"),
     ("val", "val_images"),
     ("seed", "seed"),
     ("det seed", "det_seed"),
@@ -43,10 +44,12 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # shown with one decimal, like AP
-PERCENT_KEYS = ("top1", "knn_top1", "AP_sd") + BBOX_KEYS
-# CSV only, after the table's columns: the kNN settings and the linear eval's own SEED
+PERCENT_KEYS = ("top1", "knn_top1", "instance_retrieval_top1", "AP_sd") + BBOX_KEYS
+# CSV only, after the table's columns: the kNN settings, the retrieval gallery size and the
+# linear eval's own SEED
 CSV_EXTRA = [
-    "source", "knn_k", "knn_t", "lincls_seed", "pretrain_dir", "lincls_dir", "detection_dir"
+    "source", "knn_k", "knn_t", "retrieval_images", "lincls_seed", "pretrain_dir", "lincls_dir",
+    "detection_dir",
 ]
 MISSING = "-"
 
