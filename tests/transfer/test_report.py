@@ -14,6 +14,7 @@ import pytest
 
 from pretrain.io import UserError, read_metrics
 from transfer.report import make_report
+from transfer.report.document import label_repeated_names
 from transfer.report.plots import plot_pretrain_health
 from transfer.report.rows import PAPER_ROWS
 from transfer.report.runs import find_runs
@@ -409,6 +410,21 @@ def test_pretrain_health_plot(runs, tmp_path):
         f"the random-init linear eval {lin_dir} (knn_k / knn_t) are not in the files; its dashed "
         "line may be another measurement."
     ]
+
+
+def test_repeated_names_get_one_label_each(tmp_path):
+    """Three pretraining seeds of one NAME (PRETRAIN_SEEDS="0 1 2" make demo): three legend labels
+    (the third used to keep the bare name once the first two were relabelled)."""
+    for d in ("pretrain_simo", "pretrain_simo_s1", "pretrain_simo_s2"):
+        _run(tmp_path, f"out/{d}", {"kind": "pretrain", "name": "simo"})
+    _run(tmp_path, "out/det", {"kind": "detection", "name": "simo", "bbox": {}})
+    runs = find_runs([str(tmp_path / "out")])
+    label_repeated_names(runs)
+    labels = sorted(r.label for r in runs if r.kind == "pretrain")
+    assert labels == [
+        "simo (pretrain_simo)", "simo (pretrain_simo_s1)", "simo (pretrain_simo_s2)"
+    ]
+    assert [r.label for r in runs if r.kind == "detection"] == ["simo"]  # alone of its kind
 
 
 def test_pretrain_health_panels_skipped(tmp_path):

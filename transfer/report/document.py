@@ -4,6 +4,7 @@ captions, notes), ``report.csv`` and the plots, all through ``pretrain.io.atomic
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,11 @@ from transfer.report.plots import (
     plot_seed_probes,
 )
 from transfer.report.rows import build_rows
-from transfer.report.runs import find_runs
+from transfer.report.runs import Run, find_runs
 from transfer.report.seeds import seed_rows, seed_table
 from transfer.report.tables import format_value, markdown_table, write_csv
 
-__all__ = ["PAPER_NOTE", "Report", "make_report"]
+__all__ = ["PAPER_NOTE", "Report", "label_repeated_names", "make_report"]
 
 PAPER_NOTE = (
     "[paper]: reference rows from the EqCo paper (docs/methods.md, 'Detection transfer'): "
@@ -42,15 +43,22 @@ class Report:
     seeds_markdown: str = ""  # the linear evals over seeds ("" without a multi-seed pre-training)
 
 
+def label_repeated_names(runs: list[Run]) -> None:
+    """Distinct legend labels: every pretraining or detection run whose label is shared with
+    another run of its kind becomes ``name (its folder)``."""
+    for kind in ("pretrain", "detection"):
+        same_kind = [r for r in runs if r.kind == kind]
+        counts = Counter(r.label for r in same_kind)
+        for run in same_kind:
+            if counts[run.label] > 1:
+                run.label = f"{run.name} ({os.path.basename(os.path.normpath(run.path))})"
+
+
 def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:
     """Read the runs under ``paths``; write report.md, report.csv and PNG plots to ``out_dir``."""
     runs = find_runs(paths)
     rows, notes = build_rows(runs, paper)
-    for kind in ("pretrain", "detection"):  # distinct legend labels when a name repeats
-        same_kind = [r for r in runs if r.kind == kind]
-        for run in same_kind:
-            if sum(r.label == run.label for r in same_kind) > 1:
-                run.label = f"{run.name} ({os.path.basename(os.path.normpath(run.path))})"
+    label_repeated_names(runs)
     per_seed, seed_notes = seed_rows(runs)
     notes += seed_notes
     table = markdown_table(rows)
