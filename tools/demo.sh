@@ -52,7 +52,7 @@ else
   echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
-stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, ~7 min per seed; seeds: $PRETRAIN_SEEDS)"
+stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, 7-15 min per seed depending on the CPU; seeds: $PRETRAIN_SEEDS)"
 # pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
 # threads and one loader worker vs 0.44 s with 1 thread)
 for seed in $PRETRAIN_SEEDS; do

@@ -39,22 +39,23 @@ def _run(cfg, resume=False):
 
 
 def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path, tiny_pretrain_cfg):
-    over = {"SOLVER.MAX_ITER": 60, "SOLVER.CHECKPOINT_PERIOD": 15}
+    over = {"SOLVER.MAX_ITER": 120, "SOLVER.CHECKPOINT_PERIOD": 30}
     cfg = tiny_pretrain_cfg(shapes, tmp_path / "run", **over)
     trainer, results = _run(cfg)
     losses = [v for v, _ in trainer.trainer.storage.history("total_loss").values()]
-    assert len(losses) == 60 and all(np.isfinite(losses))
+    assert len(losses) == 120 and all(np.isfinite(losses))
     out = tmp_path / "run"
-    # it learns: the two views' embeddings move together (alignment, health metric, falls by
-    # 0.35-0.75 over seeds 0-4 here in 60 steps; in 30 steps it can still rise, by 0.1 at seed 0).
-    # The loss itself is too noisy at N=8 to show a trend (measured: it rises or falls by up to 0.5
-    # depending on the augmentation draws).
+    # it learns: the two views' embeddings move together (alignment, health metric). Measured
+    # over seeds 0-4, mean of the first vs the last 5 steps: in 120 steps it falls by 0.46 / 0.52 /
+    # 0.27 / 0.42 / 0.79 on the 2026-12-03 Xeon; in 60 steps by 0.35-0.75 on one CPU but only
+    # -0.04 to 0.25 on that Xeon (float trajectories differ by CPU), hence 120. The loss itself is
+    # too noisy at N=8 to show a trend (it rises or falls by up to 0.5 with the augmentation draws).
     logged = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     align = [m["[metric]health/alignment"] for m in logged if "[metric]health/alignment" in m]
-    assert len(align) == 60
+    assert len(align) == 120
     first, last = sum(align[:5]) / 5, sum(align[-5:]) / 5
-    assert last < first - 0.1, (first, last)
-    for name in ["metrics.json", "model_0000014.pth", "model_final.pth", "results.json"]:
+    assert last < first - 0.15, (first, last)
+    for name in ["metrics.json", "model_0000029.pth", "model_final.pth", "results.json"]:
         assert (out / name).is_file(), name
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
@@ -62,15 +63,15 @@ def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path, tiny_pr
     assert on_disk == results
     assert results["kind"] == "pretrain" and results["name"] == "run"
     assert results["method"] == "simo" and results["loss"] == "eqco" and results["alpha"] == 256.0
-    assert results["num_negatives"] == 4 and results["iterations"] == 60
-    assert results["epochs"] == pytest.approx(60 / (48 // 8))
+    assert results["num_negatives"] == 4 and results["iterations"] == 120
+    assert results["epochs"] == pytest.approx(120 / (48 // 8))
     assert results["final_loss"] == pytest.approx(float(np.median(losses[-20:])))
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
-    assert metrics[-1]["iteration"] == 59 and "[metric]images_per_s" in metrics[-1]
+    assert metrics[-1]["iteration"] == 119 and "[metric]images_per_s" in metrics[-1]
     # lr follows EqCo rule 2 (0.48 x 8 / 256) times the cosine multiplier
-    sched = build_lr_multiplier(60, 0)
+    sched = build_lr_multiplier(120, 0)
     for m in metrics[:5]:
-        assert m["lr"] == pytest.approx(0.48 * 8 / 256 * sched(m["iteration"] / 60), rel=1e-6)
+        assert m["lr"] == pytest.approx(0.48 * 8 / 256 * sched(m["iteration"] / 120), rel=1e-6)
 
     ckpt = load_checkpoint(str(out / "model_final.pth"))  # weights_only
     meta = ckpt["meta"]
@@ -83,15 +84,15 @@ def test_short_simo_run_lowers_loss_and_writes_outputs(shapes, tmp_path, tiny_pr
         "tau": 0.2,
         "alpha": 256.0,
         "num_negatives": 4,
-        "epochs": 10.0,
-        "iteration": 60,
+        "epochs": 20.0,
+        "iteration": 120,
         "ims_per_batch": 8,
     }
     keys = ckpt["model"].keys()
     assert "encoder_q.conv1.weight" in keys and "encoder_q.fc.0.weight" in keys
     assert "encoder_k.layer4.1.bn2.running_var" in keys
     assert {"optimizer", "scheduler", "loader", "rng", "iteration", "grad_scaler"} <= set(ckpt)
-    assert ckpt["iteration"] == 59 and ckpt["scheduler"]["last_epoch"] == 60
+    assert ckpt["iteration"] == 119 and ckpt["scheduler"]["last_epoch"] == 120
 
 
 class _Killed(BaseException):
