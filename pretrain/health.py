@@ -29,6 +29,7 @@ from detectron2.engine import hooks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pretrain.data import build_image_folder, moco_v2_transform
 from pretrain.features import extract_features
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "view_retrieval_top1",
     "instance_retrieval_top1",
     "retrieval_subset",
+    "split_retrieval",
+    "RETRIEVAL_VIEW_SEED",
 ]
 
 HEALTH_KEYS = (
@@ -171,6 +174,11 @@ def view_retrieval_top1(
     return retrieval_top1(f1, f2)
 
 
+# the seed of the held-out retrieval views: the same in every run and for every backbone, so the
+# pretraining's monitor and the linear eval of random init measure on identical views
+RETRIEVAL_VIEW_SEED = 0
+
+
 def retrieval_subset(num_images: int, size: int) -> list[int]:
     """The ``min(size, num_images)`` image indices instance retrieval runs on: evenly spaced over
     the dataset, ``j * num_images // n``. An ImageFolder lists its images class by class, so this
@@ -215,3 +223,33 @@ def instance_retrieval_top1(
         for view_seeds in seeds
     ]
     return view_retrieval_top1(encoder, loaders[0], loaders[1], device)
+
+
+def split_retrieval(
+    encoder: nn.Module,
+    root: str,
+    split: str,
+    input_size: int,
+    scale: tuple[float, float],
+    device: torch.device,
+    *,
+    size: int,
+    batch_size: int,
+    num_workers: int,
+) -> tuple[float, int]:
+    """The held-out instance retrieval of the pretraining's monitor and of the linear eval:
+    ``(top-1 %, gallery size)`` of :func:`instance_retrieval_top1` on the
+    :func:`retrieval_subset` of the ImageFolder ``root/split``, through the pretraining
+    augmentation at ``input_size`` with crop ``scale``, with the views of
+    :data:`RETRIEVAL_VIEW_SEED`."""
+    views = build_image_folder(root, split, moco_v2_transform(input_size, scale))
+    top1 = instance_retrieval_top1(
+        encoder,
+        views,
+        device,
+        size=size,
+        seed=RETRIEVAL_VIEW_SEED,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    return top1, len(retrieval_subset(len(views), size))

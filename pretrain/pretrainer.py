@@ -35,7 +35,7 @@ from pretrain.engine import (
     warmup_iterations,
 )
 from pretrain.grad_norm import QueryGradNormHook
-from pretrain.health import HealthHook, instance_retrieval_top1
+from pretrain.health import HealthHook, split_retrieval
 from pretrain.io import UserError, read_json
 from pretrain.knn import knn_top1
 from pretrain.methods import ContrastiveMethod, build_method, method_class
@@ -203,23 +203,24 @@ class Pretrainer(TrainingRun):
         return out
 
     def instance_retrieval(self) -> float:
-        """:func:`pretrain.health.instance_retrieval_top1` of the query encoder on
-        TEST.RETRIEVAL_SIZE evenly spaced val images, with the pretraining augmentation and
-        per-image view seeds that are the same for every run (view seed 0, not SEED): the linear
-        eval of any backbone with the same TEST.RETRIEVAL_SIZE and views measures the same
-        thing (pretrained vs random init, paired)."""
+        """:func:`pretrain.health.split_retrieval` top-1 of the query encoder on
+        TEST.RETRIEVAL_SIZE evenly spaced val images, with the pretraining augmentation and view
+        seeds that are the same for every run (not SEED): the linear eval of any backbone with the
+        same TEST.RETRIEVAL_SIZE and crop scales measures the same thing (pretrained vs random
+        init, paired)."""
         cfg = self.cfg
-        tf = moco_v2_transform(cfg.INPUT.SIZE, (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE))
-        val = RobustImageFolder(os.path.join(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT), tf)
-        return instance_retrieval_top1(
+        top1, _ = split_retrieval(
             self.model.encoder_q,
-            val,
+            cfg.DATASETS.ROOT,
+            cfg.DATASETS.VAL_SPLIT,
+            cfg.INPUT.SIZE,
+            (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE),
             self.device,
             size=cfg.TEST.RETRIEVAL_SIZE,
-            seed=0,
             batch_size=max(cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(), 1),
             num_workers=min(cfg.DATALOADER.NUM_WORKERS, 4),
         )
+        return top1
 
     def describe(self) -> Dict[str, Any]:
         """What this run is, shared by the checkpoint's ``meta`` and ``results.json``

@@ -21,10 +21,9 @@ from pretrain.lincls.evaluator import LinearEvaluator
 from pretrain.lincls.metrics import (
     evaluate_images,
     frozen_knn_top1,
-    frozen_retrieval_top1,
+    frozen_retrieval,
     knn_results,
     percent,
-    retrieval_results,
 )
 from pretrain.lincls.weights import (
     build_linear_model,
@@ -66,7 +65,7 @@ def evaluate_weights(
     per_rank = per_rank_batch(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
     acc = evaluate_images(net.to(device), val, device, per_rank, cfg.DATALOADER.NUM_WORKERS)
     knn = frozen_knn_top1(net, cfg, val, num_classes, device, per_rank)
-    retrieval = frozen_retrieval_top1(net, cfg, device, per_rank)
+    retrieval = frozen_retrieval(net, cfg, device, per_rank)
     seed = weights.file_meta.get("seed") if weights.kind == "lincls" else None
     pretrain_meta = dict(weights.meta)
     results = {
@@ -75,7 +74,7 @@ def evaluate_weights(
         "top1": acc["top1"],
         "top5": acc["top5"],
         **knn_results(cfg, knn),
-        **retrieval_results(cfg, retrieval, len(val)),
+        **retrieval,
         "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         "weights": os.path.abspath(weights_path),
         "pretrain": pretrain_meta,
@@ -95,7 +94,7 @@ def evaluate_weights(
         acc["top1"],
         acc["top5"],
         percent(knn),
-        percent(retrieval),
+        percent(retrieval["instance_retrieval_top1"]),
         len(val),
     )
     return results

@@ -35,10 +35,9 @@ from pretrain.lincls.metrics import (
     evaluate_features,
     evaluate_images,
     frozen_knn_top1,
-    frozen_retrieval_top1,
+    frozen_retrieval,
     knn_results,
     percent,
-    retrieval_results,
 )
 from pretrain.lincls.model import LinearClassifier
 from pretrain.lincls.weights import (
@@ -160,7 +159,8 @@ class LinearEvaluator(TrainingRun):
         )
         self.last_eval: dict[str, float] = {}
         self.last_knn_top1: float | None = None
-        self.last_retrieval_top1: float | None = None
+        # results.json's instance_retrieval_top1 / retrieval_images, once retrieval_eval ran
+        self.last_retrieval: dict[str, Any] = {}
         self.register_hooks()
         logger.info(
             "Linear eval (%s) of %s [%s checkpoint %s]: %s, %d train / %d val images, %d classes, "
@@ -249,14 +249,12 @@ class LinearEvaluator(TrainingRun):
         )
         return self.last_knn_top1
 
-    def retrieval_eval(self) -> float | None:
-        """Instance-retrieval top-1 (%) of the frozen backbone on TEST.RETRIEVAL_SIZE val images
-        (:func:`frozen_retrieval_top1`), or None when it is 0; also kept in
-        :attr:`last_retrieval_top1`."""
-        self.last_retrieval_top1 = frozen_retrieval_top1(
-            self.net, self.cfg, self.device, self.test_per_rank
-        )
-        return self.last_retrieval_top1
+    def retrieval_eval(self) -> dict[str, Any]:
+        """Instance retrieval of the frozen backbone on TEST.RETRIEVAL_SIZE val images
+        (:func:`frozen_retrieval`: its results.json keys, None when it is 0); also kept in
+        :attr:`last_retrieval`."""
+        self.last_retrieval = frozen_retrieval(self.net, self.cfg, self.device, self.test_per_rank)
+        return self.last_retrieval
 
     def meta(self) -> dict[str, Any]:
         """The checkpoint's ``meta`` (docs/formats.md): kind ``lincls``, the last val accuracy
@@ -270,7 +268,7 @@ class LinearEvaluator(TrainingRun):
             "top1": self.last_eval.get("top1"),
             "top5": self.last_eval.get("top5"),
             "knn_top1": self.last_knn_top1,
-            "instance_retrieval_top1": self.last_retrieval_top1,
+            "instance_retrieval_top1": self.last_retrieval.get("instance_retrieval_top1"),
             "seed": int(cfg.SEED),
             "epochs": float(self.loader.epochs_done()),
             "iteration": int(self.trainer.iter) + 1,
@@ -334,7 +332,7 @@ class LinearEvaluator(TrainingRun):
             "top1": self.last_eval["top1"],
             "top5": self.last_eval["top5"],
             **knn_results(self.cfg, self.last_knn_top1),
-            **retrieval_results(self.cfg, self.last_retrieval_top1, len(self.val_set)),
+            **self.last_retrieval,
             "seed": int(self.cfg.SEED),
             "weights": os.path.abspath(self.weights.path),
             "pretrain": dict(self.weights.meta),

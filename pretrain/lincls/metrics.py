@@ -1,6 +1,6 @@
 """How good the frozen backbone and its linear classifier are: top-1 / top-5 of the fc (on val
 images or cached val features), the weighted kNN top-1 of the backbone (``TEST.KNN``) and its
-instance-retrieval top-1 (``TEST.RETRIEVAL_SIZE``, :func:`pretrain.health.instance_retrieval_top1`).
+instance-retrieval top-1 (``TEST.RETRIEVAL_SIZE``, :func:`pretrain.health.split_retrieval`).
 
 The kNN top-1 is val against train, both through the eval transform (Resize + CenterCrop),
 cosine similarity of L2-normalised features, ``exp(s / TEST.KNN_T)`` vote of the ``TEST.KNN_K``
@@ -27,9 +27,8 @@ from pretrain.data import (
     build_image_folder,
     count_bad_files,
     eval_transform,
-    moco_v2_transform,
 )
-from pretrain.health import instance_retrieval_top1, retrieval_subset
+from pretrain.health import split_retrieval
 from pretrain.io import UserError
 from pretrain.knn import knn_predict
 from pretrain.lincls.data import CachedFeatures, extract_cached
@@ -40,12 +39,11 @@ __all__ = [
     "evaluate_features",
     "evaluate_images",
     "frozen_knn_top1",
-    "frozen_retrieval_top1",
+    "frozen_retrieval",
     "knn_accuracy",
     "knn_features",
     "knn_results",
     "percent",
-    "retrieval_results",
     "topk_correct",
 ]
 
@@ -219,33 +217,33 @@ def knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:
     }
 
 
-def frozen_retrieval_top1(
+def frozen_retrieval(
     net: torchvision.models.ResNet,
     cfg: PretrainCfgNode,
     device: torch.device,
     batch_size: int,
-) -> float | None:
-    """TEST.RETRIEVAL_SIZE's instance-retrieval top-1 (%) of ``net``'s frozen backbone, logged;
-    None when it is 0. The views and the subset are those of the pretraining's monitor with the
-    same size and scales (view seed 0), so a pretrained and a random-init backbone are compared on
-    identical images. No collective: every process computes the same value."""
+) -> dict[str, Any]:
+    """TEST.RETRIEVAL_SIZE's instance retrieval of ``net``'s frozen backbone, logged, as the
+    results.json keys ``instance_retrieval_top1`` (%) and ``retrieval_images`` (the gallery size:
+    chance is 100 / it), both None when TEST.RETRIEVAL_SIZE is 0. The views and the subset are
+    those of the pretraining's monitor with the same size and scales
+    (:func:`pretrain.health.split_retrieval`), so a pretrained and a random-init backbone are
+    compared on identical images. No collective: every process computes the same value."""
     size = int(cfg.TEST.RETRIEVAL_SIZE)
     if size <= 0:
-        return None
+        return {"instance_retrieval_top1": None, "retrieval_images": None}
     scale = (float(cfg.TEST.RETRIEVAL_MIN_SCALE), float(cfg.TEST.RETRIEVAL_MAX_SCALE))
-    views = build_image_folder(
-        cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT, moco_v2_transform(cfg.INPUT.SIZE, scale)
-    )
-    top1 = instance_retrieval_top1(
+    top1, n = split_retrieval(
         net,
-        views,
+        cfg.DATASETS.ROOT,
+        cfg.DATASETS.VAL_SPLIT,
+        cfg.INPUT.SIZE,
+        scale,
         device,
         size=size,
-        seed=0,
         batch_size=batch_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
-    n = len(retrieval_subset(len(views), size))
     logger.info(
         "Instance-retrieval top-1 %.2f%% (two augmented views, crop scale %g-%g, of %d evenly "
         "spaced val images; chance %.2f%%)",
@@ -255,20 +253,7 @@ def frozen_retrieval_top1(
         n,
         100.0 / n,
     )
-    return top1
-
-
-def retrieval_results(
-    cfg: PretrainCfgNode, top1: float | None, val_images: int
-) -> dict[str, Any]:
-    """The results.json retrieval keys: ``instance_retrieval_top1`` and ``retrieval_images``
-    (``min(TEST.RETRIEVAL_SIZE, val_images)``, the gallery size: chance is 100 / it), both None
-    when off."""
-    on = top1 is not None
-    return {
-        "instance_retrieval_top1": top1,
-        "retrieval_images": min(int(cfg.TEST.RETRIEVAL_SIZE), int(val_images)) if on else None,
-    }
+    return {"instance_retrieval_top1": top1, "retrieval_images": n}
 
 
 def percent(value: float | None) -> str:

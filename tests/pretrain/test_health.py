@@ -33,7 +33,7 @@ from pretrain.health import (
 )
 from pretrain.io import UserError
 from pretrain.lincls.config import get_lincls_cfg
-from pretrain.lincls.metrics import frozen_retrieval_top1
+from pretrain.lincls.metrics import frozen_retrieval
 from pretrain.lincls.weights import build_linear_model, load_pretrained
 from pretrain.losses import dcl, infonce
 from pretrain.methods import MoCoV2, SimCLR, SimCo, SimMoCo, SiMo
@@ -354,4 +354,7 @@ def test_short_run_logs_health_and_retrieval(shapes, tmp_path, caplog, tiny_pret
     weights = load_pretrained(str(tmp_path / "run" / "model_final.pth"), "resnet18")
     net = build_linear_model("resnet18", 5, weights)
     batch = cfg.SOLVER.IMS_PER_BATCH
-    assert frozen_retrieval_top1(net, lin, torch.device("cpu"), batch) == retrieval[-1]
+    assert frozen_retrieval(net, lin, torch.device("cpu"), batch) == {
+        "instance_retrieval_top1": retrieval[-1],
+        "retrieval_images": 16,  # the 16 val images (fewer than 256)
+    }
