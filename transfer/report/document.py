@@ -51,7 +51,7 @@ def label_repeated_names(runs: list[Run]) -> None:
         counts = Counter(r.label for r in same_kind)
         for run in same_kind:
             if counts[run.label] > 1:
-                run.label = f"{run.name} ({os.path.basename(os.path.normpath(run.path))})"
+                run.label = f"{run.name} ({run.folder})"
 
 
 def make_report(paths: list[str], out_dir: str, paper: bool = False) -> Report:

@@ -8,7 +8,6 @@ whether it drew anything (nothing is written when no run has the data).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,42 +190,45 @@ def _knn_text(setting: tuple[Any, Any]) -> str:
     return f"k={setting[0]}, T={format_value('knn_t', setting[1])}"
 
 
-def _random_init_knn(runs: list[Run]) -> list[tuple[str, float, tuple[Any, Any] | None, str]]:
-    """(legend label, kNN top-1, (k, T) or None, directory) of each random-init lincls run with a
-    kNN top-1."""
-    found = [
+def _random_init_runs(runs: list[Run], key: str) -> list[Run]:
+    """The random-init lincls runs with a number under ``key`` in their results.json."""
+    return [
         r
         for r in runs
         if r.kind == "lincls"
         and r.name == RANDOM_INIT
-        and as_number(r.results.get("knn_top1")) is not None
+        and as_number(r.results.get(key)) is not None
     ]
+
+
+def _legend(base: str, extra: list[str]) -> str:
+    """``base`` (which ends in ")") with ``extra`` added inside its parentheses."""
+    return f"{base[:-1]}, {', '.join(extra)})" if extra else base
+
+
+def _random_init_knn(runs: list[Run]) -> list[tuple[str, float, tuple[Any, Any] | None, str]]:
+    """(legend label, kNN top-1, (k, T) or None, directory) of each random-init lincls run with a
+    kNN top-1."""
+    found = _random_init_runs(runs, "knn_top1")
     lines = []
     for run in found:
         k, t = as_count(run.results.get("knn_k")), as_number(run.results.get("knn_t"))
         setting = (k, t) if k is not None and t is not None else None
         extra = [_knn_text(setting)] if setting else []
         if len(found) > 1:
-            extra.append(os.path.basename(os.path.normpath(run.path)))
-        label = RANDOM_INIT_KNN if not extra else f"{RANDOM_INIT_KNN[:-1]}, {', '.join(extra)})"
-        lines.append((label, float(run.results["knn_top1"]), setting, run.path))
+            extra.append(run.folder)
+        lines.append((_legend(RANDOM_INIT_KNN, extra), float(run.results["knn_top1"]), setting,
+                      run.path))  # fmt: skip
     return lines
 
 
 def _random_init_retrieval(runs: list[Run]) -> list[tuple[str, float]]:
     """(legend label, instance-retrieval top-1) of each random-init lincls run that measured it."""
-    found = [
-        r
-        for r in runs
-        if r.kind == "lincls"
-        and r.name == RANDOM_INIT
-        and as_number(r.results.get("instance_retrieval_top1")) is not None
-    ]
+    found = _random_init_runs(runs, "instance_retrieval_top1")
+    several = len(found) > 1
     return [
         (
-            RANDOM_INIT_RETRIEVAL
-            if len(found) == 1
-            else f"{RANDOM_INIT_RETRIEVAL[:-1]}, {os.path.basename(os.path.normpath(r.path))})",
+            _legend(RANDOM_INIT_RETRIEVAL, [r.folder] if several else []),
             float(r.results["instance_retrieval_top1"]),
         )
         for r in found
@@ -253,7 +255,13 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
         return None
     notes = []
     baselines = _random_init_knn(runs) if "knn_top1" in series else []
-    retrieval = _random_init_retrieval(runs) if "instance_retrieval_top1" in series else []
+    # the dashed random-init lines of each panel: (legend label, value)
+    dashed = {
+        "knn_top1": [(label, value) for label, value, _, _ in baselines],
+        "instance_retrieval_top1": (
+            _random_init_retrieval(runs) if "instance_retrieval_top1" in series else []
+        ),
+    }
     for _, _, setting, where in baselines:
         for run_label, own in monitor.items():
             if own is None or setting is None:
@@ -282,11 +290,8 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
         if panel == "knn_top1":
             if len(settings) == 1 and None not in monitor.values():
                 title = f"{title} ({_knn_text(next(iter(settings)))})"
-            for i, (label, value, _, _) in enumerate(baselines):
-                ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
-        if panel == "instance_retrieval_top1":
-            for i, (label, value) in enumerate(retrieval):
-                ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
+        for i, (label, value) in enumerate(dashed.get(panel, [])):
+            ax.axhline(value, ls="--", lw=1.0, color=f"{0.2 + 0.2 * (i % 3):.1f}", label=label)
         ax.set(xlabel="iteration", ylabel=ylabel)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
@@ -294,8 +299,7 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
         ax.remove()
     fig.suptitle("Pretraining health")
     save_figure(fig, path, dpi=110)
-    drawn = {label: value for label, value, _, _ in baselines}
-    return HealthPlot(series, {**drawn, **dict(retrieval)}, notes)
+    return HealthPlot(series, {label: v for lines in dashed.values() for label, v in lines}, notes)
 
 
 def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
@@ -307,7 +311,8 @@ def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(SEED_METRICS), figsize=(4.5 * len(SEED_METRICS), 3.8))
-    for ax, (title, key) in zip(axes, SEED_METRICS):
+    for ax, metric in zip(axes, SEED_METRICS):
+        title, key = metric.title, metric.key
         for x, mean in enumerate(means):
             seeds = [r for r in rows if r["group"] == mean["group"] and not r.get("summary")]
             seeds = [r for r in seeds if r.get(key) is not None]
@@ -317,12 +322,10 @@ def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
         ax.set_xticks(range(len(means)))
         ax.set_xticklabels([m["name"] for m in means], fontsize=8)
         ax.set_ylabel(f"{title} (%)")
-        # retrieval top-1 is a few % (chance: 1 / gallery): its own scale, its own image count
-        retrieval = key == "instance_retrieval_top1"
-        ax.set_ylim(0, None if retrieval else 100)
-        size, what = ("retrieval_images", "gallery") if retrieval else ("val_images", "val")
-        name = "instance retrieval" if retrieval else f"linear eval {title}"
+        ax.set_ylim(0, metric.ylim)
+        size, name = metric.size_key, metric.what
         val = {m.get(size) for m in means}
-        ax.set_title(f"{name}, {what} {format_value(size, val.pop())}" if len(val) == 1 else name)
+        ax.set_title(f"{name}, {metric.short} {format_value(size, val.pop())}"
+                     if len(val) == 1 else name)
     save_figure(fig, path, dpi=120)
     return True

@@ -197,7 +197,7 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
             row["lincls_dir"] = lin.path if lin else None
             row["detection_dir"] = det.path if det else None
             if len(dets) > 1:
-                row["name"] = f"{name} ({os.path.basename(os.path.normpath(det.path))})"
+                row["name"] = f"{name} ({det.folder})"
                 det.label = row["name"]
             rows.append(row)
         if len(dets) > 1:

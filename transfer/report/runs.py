@@ -44,6 +44,11 @@ class Run:
     label: str = ""  # legend / row label, set when names repeat
 
     @property
+    def folder(self) -> str:
+        """The last component of :attr:`path` (what labels say when names repeat)."""
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
     def metrics_path(self) -> str:
         return os.path.join(self.path, "metrics.json")
 

@@ -10,15 +10,36 @@ also uses to draw the random weights.
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 from transfer.report.runs import Run, as_count, as_number, pretrain_seed, run_seed
 from transfer.report.tables import format_value
 
-__all__ = ["SEED_METRICS", "compare_means", "lincls_seed", "seed_rows", "seed_table"]
+__all__ = [
+    "SEED_METRICS", "SeedMetric", "compare_means", "lincls_seed", "seed_rows", "seed_table"
+]  # fmt: skip
 
-# (column title, results.json key) of the per-seed table
-SEED_METRICS = (("top-1", "top1"), ("kNN", "knn_top1"), ("retrieval", "instance_retrieval_top1"))
+
+class SeedMetric(NamedTuple):
+    """One metric of the per-seed table, its verdicts and ``lincls_seeds.png``."""
+
+    title: str  # column title
+    key: str  # results.json key of the linear-eval run
+    what: str  # its name in verdicts and plot titles
+    size_key: str  # results.json key of the number of images it is measured on
+    images: str  # what those images are, in verdicts
+    short: str  # ... and in plot titles
+    ylim: float | None  # top of its plot axis (None: automatic)
+
+
+SEED_METRICS = (
+    SeedMetric("top-1", "top1", "linear eval top-1", "val_images", "val images", "val", 100),
+    SeedMetric("kNN", "knn_top1", "linear eval kNN", "val_images", "val images", "val", 100),
+    # a few % at chance 100 / gallery: measured on retrieval_images of the val images
+    SeedMetric("retrieval", "instance_retrieval_top1", "instance retrieval", "retrieval_images",
+               "val images in the gallery", "gallery", None),
+)  # fmt: skip
+_SIZE_KEYS = tuple(dict.fromkeys(m.size_key for m in SEED_METRICS))
 
 
 def lincls_seed(run: Run) -> int | None:
@@ -48,16 +69,15 @@ def seed_rows(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
         for seed in sorted(per_seed):
             res = per_seed[seed].results
             row = {"name": name, "group": name, "seed": str(seed)}
-            row["val_images"] = as_count(res.get("val_images"))
-            row["retrieval_images"] = as_count(res.get("retrieval_images"))
-            row.update({key: as_number(res.get(key)) for _, key in SEED_METRICS})
+            row.update({size: as_count(res.get(size)) for size in _SIZE_KEYS})
+            row.update({m.key: as_number(res.get(m.key)) for m in SEED_METRICS})
             group.append(row)
         mean = {"name": f"{name} (mean of {len(group)})", "group": name, "summary": True}
         mean["seed"] = " ".join(r["seed"] for r in group)
-        for size in ("val_images", "retrieval_images"):
+        for size in _SIZE_KEYS:
             sizes = {r[size] for r in group}
             mean[size] = sizes.pop() if len(sizes) == 1 else None
-        for _, key in SEED_METRICS:
+        for key in (m.key for m in SEED_METRICS):
             values = [r[key] for r in group if r[key] is not None]
             complete = len(values) == len(group)
             mean[key] = statistics.fmean(values) if complete else None
@@ -85,29 +105,25 @@ def compare_means(
 
 def _verdicts(means: list[dict[str, Any]]) -> list[str]:
     notes = []
-    for title, key in SEED_METRICS:
-        # the retrieval is measured on a gallery of retrieval_images of the val images
-        retrieval = key == "instance_retrieval_top1"
-        size = "retrieval_images" if retrieval else "val_images"
-        what, images = ("instance retrieval", "val images in the gallery") if retrieval else (
-            f"linear eval {title}", "val images")
+    for m in SEED_METRICS:
+        key, size = m.key, m.size_key
         for hi, lo, verdict in compare_means(means, key, f"{key}_sd"):
             n = hi[size] if hi[size] == lo[size] else None
             notes.append(
-                f"{what}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
+                f"{m.what}: {hi['name']} {hi[key]:.1f} +- {hi[f'{key}_sd']:.1f} vs "
                 f"{lo['name']} {lo[key]:.1f} +- {lo[f'{key}_sd']:.1f} (seeds {hi['seed']} / "
-                f"{lo['seed']}, {format_value(size, n)} {images}): {verdict}."
+                f"{lo['seed']}, {format_value(size, n)} {m.images}): {verdict}."
             )
     return notes
 
 
 def seed_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of :func:`seed_rows` (mean rows with their sd)."""
-    titles = ["name", "seed"] + [t for t, _ in SEED_METRICS] + ["val"]
+    titles = ["name", "seed"] + [m.title for m in SEED_METRICS] + ["val"]
     lines = ["| " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * (len(titles) - 2)]
     for row in rows:
         cells = [row["name"], row["seed"]]
-        for _, key in SEED_METRICS:
+        for key in (m.key for m in SEED_METRICS):
             text = format_value(key, row.get(key))
             if row.get(f"{key}_sd") is not None:
                 text += f" +- {row[f'{key}_sd']:.1f}"
