@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-output/demo}
 PY=${PY:-.venv/bin/python}
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-datasets}
-# One thread per process: on a 2-core machine torch's default of 2 threads is several times slower
-# as soon as a data-loader worker or any other job shares the cores.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Every stage is one process of 2 torch threads and at most one data-loader worker (measured on the
+# 2-core machine, 2026-12-03: Faster R-CNN 1.56 s/iteration with 2 threads + 1 worker vs 2.46 with
+# 1 thread + 2 workers, inference 0.24 vs 0.40 s/image; pretraining 0.30 vs 0.44 s/iteration; the
+# linear eval 29 vs 32 s, same numbers). More threads or workers than cores is what makes it slow.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 DATA=$DETECTRON2_DATASETS/shapes
 # the demo's backbone: ResNet-18 (ResNet-50 pretraining takes ~2 s/iter here, too slow for ~20 min)
 ARCH=resnet18
@@ -53,11 +55,9 @@ else
 fi
 
 stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, 7-15 min per seed depending on the CPU; seeds: $PRETRAIN_SEEDS)"
-# pretraining is the exception: its step is one big process (measured: 0.30 s/iteration with 2
-# threads and one loader worker vs 0.44 s with 1 thread)
 for seed in $PRETRAIN_SEEDS; do
   s=$(sfx "$seed")
-  OMP_NUM_THREADS=${PRETRAIN_THREADS:-2} quiet "pretrain_simo$s" \
+  quiet "pretrain_simo$s" \
     $PY tools/pretrain.py --config-file configs/pretrain/simo_shapes_cpu.yaml --resume \
     MODEL.ARCH $ARCH DATASETS.ROOT "$DATA/imagefolder" NAME simo SEED "$seed" OUTPUT_DIR "$OUT/pretrain_simo$s"
 done
