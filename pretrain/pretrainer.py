@@ -252,6 +252,13 @@ class Pretrainer(TrainingRun):
         final_loss = None
         if self.start_iter >= self.max_iter:
             logger.info("Already trained for %d iterations; nothing to do.", self.max_iter)
+            last = self.checkpointer.last_checkpoint_of_main_process()
+            if last is not None and os.path.basename(last) != "model_final.pth":
+                # killed between the last periodic save and the final one (the hook writes both
+                # after the last step): the resumed state is the final state, write it
+                logger.info("%s is the last checkpoint; writing model_final.pth from it.", last)
+                self.trainer.iter = self.max_iter - 1  # the iteration its meta names
+                self.checkpointer.save("model_final", iteration=self.max_iter - 1)
             previous = read_json(os.path.join(self.cfg.OUTPUT_DIR, "results.json")) or {}
             final_loss = previous.get("final_loss")
         else:

@@ -144,6 +144,41 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny
     )
 
 
+
+def test_kill_between_the_last_periodic_save_and_the_final_one(
+    shapes, tmp_path, monkeypatch, tiny_pretrain_cfg
+):
+    # the checkpoint hook saves model_0000003.pth, then model_final.pth, after the last step; a
+    # kill in between left a finished run whose resume had nothing to do and never wrote
+    # model_final.pth (seen in test_kill.py's random SIGKILLs)
+    over = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2}
+    _run(tiny_pretrain_cfg(shapes, tmp_path / "straight", **over))
+    straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
+
+    real_save = pretrain.engine.checkpoint.atomic_save
+
+    def dying_save(obj, path):
+        if os.path.basename(path) == "model_final.pth":
+            raise _Killed()
+        real_save(obj, path)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        _run(tiny_pretrain_cfg(shapes, out, **over))
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", real_save)
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert not (out / "model_final.pth").exists()
+
+    trainer, results = _run(tiny_pretrain_cfg(shapes, out, **over), resume=True)
+    assert trainer.start_iter == 4 and results["iterations"] == 4
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    final = load_checkpoint(str(out / "model_final.pth"))
+    assert final["iteration"] == straight["iteration"] == 3
+    assert final["meta"] == straight["meta"] | {"name": "killed"}
+    for k, v in straight["model"].items():
+        assert torch.equal(v, final["model"][k]), k
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, tiny_pretrain_cfg):
     cfg = tiny_pretrain_cfg(
         shapes,
