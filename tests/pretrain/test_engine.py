@@ -144,7 +144,6 @@ def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny
     )
 
 
-
 def test_kill_between_the_last_periodic_save_and_the_final_one(
     shapes, tmp_path, monkeypatch, tiny_pretrain_cfg
 ):
@@ -178,6 +177,7 @@ def test_kill_between_the_last_periodic_save_and_the_final_one(
     assert final["meta"] == straight["meta"] | {"name": "killed"}
     for k, v in straight["model"].items():
         assert torch.equal(v, final["model"][k]), k
+
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, tiny_pretrain_cfg):
     cfg = tiny_pretrain_cfg(
