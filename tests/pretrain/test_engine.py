@@ -99,28 +99,42 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, no cleanup of the temp file."""
 
 
+def _run_killed_in_save(cfg, monkeypatch, dies):
+    """Run ``cfg`` with ``atomic_save`` replaced by one that, where ``dies(path)`` (called for
+    every save in order) is true, is killed instead of writing (:class:`_Killed`); the real save
+    is back afterwards."""
+    real_save = pretrain.engine.checkpoint.atomic_save
+
+    def dying_save(obj, path):
+        if dies(path):
+            raise _Killed()
+        real_save(obj, path)
+
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", dying_save)
+    with pytest.raises(_Killed):
+        _run(cfg)
+    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", real_save)
+
+
 def test_resume_after_kill_mid_save_is_exact(shapes, tmp_path, monkeypatch, tiny_pretrain_cfg):
     over = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2}
     _run(tiny_pretrain_cfg(shapes, tmp_path / "straight", **over))
     straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
 
     calls = []
-    real_save = pretrain.engine.checkpoint.atomic_save
 
-    def dying_save(obj, path):
+    def dies(path):
         calls.append(path)
-        if len(calls) == 2:  # the checkpoint after iteration 4: die with half a temp file written
-            tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
-            with open(tmp, "wb") as f:
-                f.write(b"\x80\x02half a checkpoint")
-            raise _Killed()
-        real_save(obj, path)
+        if len(calls) < 2:
+            return False
+        # the checkpoint after iteration 4: die with half a temp file written
+        tmp = os.path.join(os.path.dirname(path), ".tmp_" + os.path.basename(path))
+        with open(tmp, "wb") as f:
+            f.write(b"\x80\x02half a checkpoint")
+        return True
 
     killed_dir = tmp_path / "killed"
-    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        _run(tiny_pretrain_cfg(shapes, killed_dir, **over))
-    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", real_save)
+    _run_killed_in_save(tiny_pretrain_cfg(shapes, killed_dir, **over), monkeypatch, dies)
     assert (killed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (killed_dir / "model_0000003.pth").exists()
 
@@ -154,18 +168,12 @@ def test_kill_between_the_last_periodic_save_and_the_final_one(
     _run(tiny_pretrain_cfg(shapes, tmp_path / "straight", **over))
     straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
 
-    real_save = pretrain.engine.checkpoint.atomic_save
-
-    def dying_save(obj, path):
-        if os.path.basename(path) == "model_final.pth":
-            raise _Killed()
-        real_save(obj, path)
-
     out = tmp_path / "killed"
-    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", dying_save)
-    with pytest.raises(_Killed):
-        _run(tiny_pretrain_cfg(shapes, out, **over))
-    monkeypatch.setattr(pretrain.engine.checkpoint, "atomic_save", real_save)
+    _run_killed_in_save(
+        tiny_pretrain_cfg(shapes, out, **over),
+        monkeypatch,
+        lambda path: os.path.basename(path) == "model_final.pth",
+    )
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
     assert not (out / "model_final.pth").exists()
 
