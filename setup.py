@@ -27,8 +27,8 @@ setup(
     extras_require={
         "dev": ["pytest", "ruff", "black"],
         # lightly: an independent oracle for our losses in tests/pretrain/test_lightly_oracle.py
-        # (never imported at run time)
-        "test": ["pytest", "lightly"],
+        # (never imported at run time); pytest-xdist: `make test` runs the files in 2 processes
+        "test": ["pytest", "pytest-xdist", "lightly"],
         # real photographs (the ones scikit-image ships) for bench/data_pipeline.py
         "bench": ["scikit-image"],
     },
