@@ -53,6 +53,7 @@ def extract_features(
     normalize: bool = False,
     gather: bool = True,
     cpu: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backbone features and labels of ``data``, in its order.
 
@@ -70,15 +71,23 @@ def extract_features(
             one process), so that every process returns the whole dataset. False: this
             process's part only.
         cpu: return the features on CPU (False: on ``device``). Labels are always on CPU.
+        dtype: of the returned features, cast batch by batch after the float32 forward and
+            normalisation (float16 halves a kNN train shard, :mod:`pretrain.knn`).
 
     Returns:
-        ``(features [n, dim] float32, labels [n] or None)``.
+        ``(features [n, dim] dtype, labels [n] or None)``. From a ``Dataset`` this process's
+        features are written into one preallocated tensor (no second copy while concatenating).
     """
+    size = None
     if isinstance(data, Dataset):
         data = build_eval_loader(
             data, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
         )
+        size = len(data.sampler)  # this process's shard: InferenceSampler pads nothing
+    out_device = torch.device("cpu") if cpu else device
     feats: list[torch.Tensor] = []
+    out: torch.Tensor | None = None  # preallocated [size, dim] when the size is known
+    filled = 0
     labels: list[torch.Tensor] | None = []
     with inference_context(net):
         for batch in data:
@@ -86,15 +95,24 @@ def extract_features(
             f = backbone_features(net, images.to(device, non_blocking=True)).float()
             if normalize:
                 f = F.normalize(f, dim=1)
-            feats.append(f.cpu() if cpu else f)
+            f = f.to(out_device, dtype)
+            if size is None:
+                feats.append(f)
+            else:
+                if out is None:
+                    out = f.new_empty(size, f.shape[1])
+                out[filled : filled + len(f)] = f
+                filled += len(f)
             if targets is None:
                 labels = None
             elif labels is not None:
                 labels.append(targets.cpu())
-    if feats:
+    if out is not None:
+        local_f = out[:filled]
+    elif feats:
         local_f = torch.cat(feats)
     else:
-        local_f = torch.zeros(0, _feature_dim(net), device="cpu" if cpu else device)
+        local_f = torch.zeros(0, _feature_dim(net), dtype=dtype, device=out_device)
     local_y = None
     if labels is not None:
         local_y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

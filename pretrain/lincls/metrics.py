@@ -4,7 +4,8 @@ instance-retrieval top-1 (``TEST.RETRIEVAL_SIZE``, :func:`pretrain.health.split_
 
 The kNN top-1 is val against train, both through the eval transform (Resize + CenterCrop),
 cosine similarity of L2-normalised features, ``exp(s / TEST.KNN_T)`` vote of the ``TEST.KNN_K``
-nearest (:func:`pretrain.knn.knn_predict`). It needs no training, so it is the same evaluation
+nearest, each rank holding only its shard of the train features on its device
+(:func:`pretrain.knn.sharded_knn_predict`). It needs no training, so it is the same evaluation
 for every backbone, random init included. Every function here that gathers is collective.
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ from pretrain.data import (
 )
 from pretrain.health import split_retrieval
 from pretrain.io import UserError
-from pretrain.knn import knn_predict
-from pretrain.lincls.data import CachedFeatures, extract_cached
+from pretrain.knn import contiguous_shard, feature_dtype, knn_hits, sharded_knn_predict
+from pretrain.lincls.data import CachedFeatures
 from pretrain.models import backbone_features
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "frozen_knn_top1",
     "frozen_retrieval",
     "knn_accuracy",
-    "knn_features",
+    "knn_train_set",
     "knn_results",
     "percent",
     "topk_correct",
@@ -104,15 +105,12 @@ def evaluate_features(
     return accuracy(counts, len(labels))
 
 
-# at most this many similarities (float32) per kNN chunk: 256 MiB, whatever the train size
-_KNN_CHUNK_ELEMENTS = 2**26
-
-
 def _normalized_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``F.normalize(x, dim=1)`` on ``device`` with one copy of ``x`` (ImageNet train features of
-    a ResNet-50 are 10 GB), never modifying ``x``."""
+    """``F.normalize(x, dim=1)`` on ``device`` in :func:`pretrain.knn.feature_dtype`, with one
+    float32 copy of ``x`` (a shard of cached features), never modifying ``x``."""
     out = x.to(device=device, dtype=torch.float32, copy=True)
-    return out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    out.div_(out.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return out.to(feature_dtype(device))
 
 
 @torch.no_grad()
@@ -125,11 +123,11 @@ def knn_accuracy(
 ) -> float:
     """Weighted kNN top-1 (%) of the val features against the train features.
 
-    Both are L2-normalised here (copies: the cached features stay as they are), so similarities
-    are cosines; :func:`pretrain.knn.knn_predict` votes with ``exp(cos / t)`` over the ``k``
-    nearest train features. Collective: every rank holds all features
-    (:func:`pretrain.features.extract_features` gathers them), classifies every ``world``-th val
-    row on ``device`` and the counts are summed.
+    Collective. Every rank holds all cached features (the fc trains on them); each puts only its
+    contiguous shard of both splits on ``device`` (L2-normalised copies in
+    :func:`pretrain.knn.feature_dtype`: the cached features stay as they are), so similarities
+    are cosines, and :func:`pretrain.knn.sharded_knn_predict` votes with ``exp(cos / t)`` over
+    the ``k`` nearest train features of all shards; the correct counts are summed.
     """
     # every rank holds the same features: these checks agree on all of them
     if not len(features.val_labels):
@@ -137,26 +135,20 @@ def knn_accuracy(
     if not len(features.train_labels):
         raise UserError("the train split has no images: the kNN evaluation needs them.")
     device = device or torch.device("cpu")
-    rank, world = comm.get_rank(), comm.get_world_size()
-    train = _normalized_copy(features.train, device)
-    train_y = features.train_labels.to(device)
-    val = _normalized_copy(features.val[rank::world], device)
-    val_y = features.val_labels[rank::world]
-    chunk = max(1, min(1024, _KNN_CHUNK_ELEMENTS // len(train_y)))
-    pred = knn_predict(train, train_y, val, num_classes, k, t, chunk=chunk).cpu()
+    train_part = contiguous_shard(len(features.train_labels))
+    val_part = contiguous_shard(len(features.val_labels))
+    train = _normalized_copy(features.train[train_part], device)
+    train_y = features.train_labels[train_part].to(device)
+    val = _normalized_copy(features.val[val_part], device)
+    val_y = features.val_labels[val_part]
+    pred = sharded_knn_predict(train, train_y, val, num_classes, k, t).cpu()
     gathered = comm.all_gather((int((pred == val_y).sum()), len(val_y)))
     return 100.0 * sum(g[0] for g in gathered) / sum(g[1] for g in gathered)
 
 
-def knn_features(
-    net: torchvision.models.ResNet,
-    cfg: PretrainCfgNode,
-    val_set: RobustImageFolder,
-    device: torch.device,
-    batch_size_per_rank: int,
-) -> CachedFeatures:
-    """Features of the train split through the *eval* transform (as the val split's) and of the
-    val split: one extraction pass over each (collective, like the cached features)."""
+def knn_train_set(cfg: PretrainCfgNode, val_set: RobustImageFolder) -> RobustImageFolder:
+    """The train split through the *eval* transform (as the val split's), for the kNN top-1;
+    its classes must be the val split's."""
     tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
     train_set = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN_SPLIT, tf)
     if train_set.classes != val_set.classes:
@@ -164,17 +156,7 @@ def knn_features(
             f"{val_set.root}: its class folders differ from those of {train_set.root}; the kNN "
             "evaluation needs the same classes in both splits (or set TEST.KNN False)."
         )
-    logger.info(
-        "Extracting eval-transform features of %d train + %d val images for the kNN top-1...",
-        len(train_set),
-        len(val_set),
-    )
-    workers = cfg.DATALOADER.NUM_WORKERS
-    features = extract_cached(net, train_set, val_set, device, batch_size_per_rank, workers)
-    bad = count_bad_files(train_set)
-    if bad:
-        logger.warning("%d unreadable train images were skipped by the kNN extraction.", bad)
-    return features
+    return train_set
 
 
 def frozen_knn_top1(
@@ -186,25 +168,42 @@ def frozen_knn_top1(
     batch_size_per_rank: int,
     features: CachedFeatures | None = None,
 ) -> float | None:
-    """TEST.KNN's top-1 (%) of ``net``'s frozen backbone (:func:`knn_accuracy` with TEST.KNN_K /
-    KNN_T), logged; None when TEST.KNN is False. ``features``: eval-transform features of both
-    splits already extracted (cached mode), else one extraction pass (collective)."""
+    """TEST.KNN's top-1 (%) of ``net``'s frozen backbone with TEST.KNN_K / KNN_T, logged; None
+    when TEST.KNN is False (collective). ``features``: eval-transform features of both splits
+    already extracted (cached mode: :func:`knn_accuracy`); else one eval-transform extraction
+    pass over each split, every rank keeping only its shard (:func:`pretrain.knn.knn_hits`)."""
     if not cfg.TEST.KNN:
         return None
-    if features is None:
-        features = knn_features(net, cfg, val_set, device, batch_size_per_rank)
-    top1 = knn_accuracy(features, num_classes, cfg.TEST.KNN_K, cfg.TEST.KNN_T, device)
+    k, t = cfg.TEST.KNN_K, cfg.TEST.KNN_T
+    if features is not None:
+        top1 = knn_accuracy(features, num_classes, k, t, device)
+        sizes = (len(features.val_labels), len(features.train_labels))
+    else:
+        train_set = knn_train_set(cfg, val_set)
+        logger.info(
+            "Extracting eval-transform features of %d train + %d val images for the kNN top-1...",
+            len(train_set),
+            len(val_set),
+        )
+        workers = cfg.DATALOADER.NUM_WORKERS
+        hits, total = knn_hits(
+            net, train_set, val_set, device, batch_size=batch_size_per_rank,
+            num_workers=workers, k=k, t=t,
+        )  # fmt: skip
+        top1 = 100.0 * hits / total
+        bad = count_bad_files(train_set)
+        if bad:
+            logger.warning("%d unreadable train images were skipped by the kNN extraction.", bad)
+        sizes = (len(val_set), len(train_set))
     logger.info(
         "kNN top-1 %.2f%% (k=%d, T=%g; %d val against %d train images, eval-transform features "
         "of the frozen backbone)",
         top1,
-        cfg.TEST.KNN_K,
-        cfg.TEST.KNN_T,
-        len(features.val_labels),
-        len(features.train_labels),
+        k,
+        t,
+        *sizes,
     )
     return top1
-
 
 
 def knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:
