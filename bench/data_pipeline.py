@@ -10,6 +10,11 @@
   Gaussian of the same sigma through OpenCV (one thread) where MoCo uses PIL's box approximation
   (docs/methods.md, "Augmentation"), uint8 ``[3, size, size]`` views (normalised later on the
   device);
+* **ours_cpu_share**: the loader's share of the device path (``INPUT.DEVICE_AUGMENT``, what a
+  GPU run does by default): ``TwoCropsDeviceAugment(moco_v2_transform(size)).load(path)`` under a
+  per-sample seed: every random draw of both views, one (reduced) decode, crop + resize and flip,
+  uint8 views plus their parameter vectors; the colour jitter, grayscale, blur and normalisation
+  run later on the device (``augment_on_device``, not timed here);
 * **moco_reference**: facebookresearch/moco ``main_moco.py`` aug+ as written there: torchvision's
   ``RandomResizedCrop(size, scale=(0.2, 1.))``, ``RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)],
   p=0.8)``, ``RandomGrayscale(p=0.2)``, ``RandomApply([moco.loader.GaussianBlur([.1, 2.])],
@@ -17,13 +22,14 @@
   ``Normalize`` (float32 output), two views of one full PIL decode (``TwoCropsTransform``,
   torchvision's ``pil_loader``).
 
-Both run in this process on one thread (``torch.set_num_threads(1)``, no DataLoader workers) over
-the same files in the same order, and both collate their views into batches of ``--batch``
-images (``default_collate``, as a loader worker does; ``--batch 0`` leaves it out). They are timed
-in ``--rounds`` alternating blocks of ``seconds / rounds`` each (so background load hits both
-alike); an image = decode + both views. Prints one JSON line per pipeline (``name``,
-``images_per_s``, ``cpu_ms_per_image`` (thread CPU time), ...; ours adds both ratios and the
-load average) and appends a table to bench/results.md (bench/common.py).
+All three run in this process on one thread (``torch.set_num_threads(1)``, no DataLoader
+workers) over the same files in the same order, and all collate their views into batches of
+``--batch`` images (``default_collate``, as a loader worker does; ``--batch 0`` leaves it out).
+They are timed in ``--rounds`` alternating blocks of ``seconds / rounds`` each (so background
+load hits them alike); an image = decode + both views. Prints one JSON line per pipeline
+(``name``, ``images_per_s``, ``cpu_ms_per_image`` (thread CPU time), ...; ours and
+ours_cpu_share add both ratios to the reference and the load average), then the CPU share's
+ratio in words, and appends two tables to bench/results.md (bench/common.py).
 
 Without ``--images`` the input is made here: the colour photographs scikit-image ships
 (astronaut, coffee, chelsea, rocket, the two motorcycle stereo views), 8 crops of each (random 4:3
@@ -52,6 +58,7 @@ from bench.common import RATIO_HEADER, append_result  # noqa: E402
 from pretrain.data import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TwoCropsDeviceAugment,
     TwoCropsTransform,
     moco_v2_transform,
 )
@@ -147,6 +154,17 @@ def ours(size: int):
     return lambda path, seed: _seeded(seed, two.load, path)
 
 
+def ours_cpu_share(size: int):
+    two = TwoCropsDeviceAugment(moco_v2_transform(size))
+    return lambda path, seed: _seeded(seed, two.load, path)
+
+
+def _nbytes(view) -> int:
+    """Bytes of one view: a tensor, or a DeviceView's pixels + parameters."""
+    tensors = view if isinstance(view, tuple) else (view,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 # ---- timing ------------------------------------------------------------------------------------
 
 
@@ -170,7 +188,7 @@ class Runner:
             self.pos += 1
             self.images += 1
             if self.bytes_per_image is None:
-                self.bytes_per_image = sum(v.numel() * v.element_size() for v in views)
+                self.bytes_per_image = sum(_nbytes(v) for v in views)
             if self.batch:
                 self.pending.append((views, 0))
                 if len(self.pending) == self.batch:
@@ -236,6 +254,7 @@ def main(argv=None) -> dict:
         runners = [
             Runner("moco_reference", moco_reference(args.size), paths, args.batch),
             Runner("ours", ours(args.size), paths, args.batch),
+            Runner("ours_cpu_share", ours_cpu_share(args.size), paths, args.batch),
         ]
         for r in runners:  # warm-up (imports, hue tables, file cache)
             r.run_for(0.5)
@@ -247,7 +266,7 @@ def main(argv=None) -> dict:
         load_end = os.getloadavg()[0]
         drafts = draft_histogram(paths, args.size)
 
-    ref, our = runners
+    ref, our, share = runners
     results = {}
     for r in runners:
         line = {
@@ -261,15 +280,21 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "bytes_per_image": r.bytes_per_image,
         }
-        if r is our:
-            line["ratio_to_reference"] = round(our.images_per_s / ref.images_per_s, 3)
+        if r is not ref:
+            line["ratio_to_reference"] = round(r.images_per_s / ref.images_per_s, 3)
             line["cpu_ratio_to_reference"] = round(
-                ref.cpu_seconds / ref.images / (our.cpu_seconds / our.images), 3
+                ref.cpu_seconds / ref.images / (r.cpu_seconds / r.images), 3
             )
             line["load_average"] = [round(load_start, 2), round(load_end, 2)]
             line["jpeg_reduction"] = drafts
         print(json.dumps(line), flush=True)
         results[r.name] = line
+    print(
+        f"CPU share of the device path: {share.images_per_s / ref.images_per_s:.2f}x the MoCo "
+        f"reference's images/s per core at {args.size} px (all-CPU path "
+        f"{our.images_per_s / ref.images_per_s:.2f}x)",
+        flush=True,
+    )
     if not args.no_record:
         ratio = our.images_per_s / ref.images_per_s
         rows = [
@@ -283,12 +308,26 @@ def main(argv=None) -> dict:
             f"| bytes per image (2 views) | {ref.bytes_per_image} | {our.bytes_per_image} | "
             f"{our.bytes_per_image / ref.bytes_per_image:.2f} |",
         ]
+        share_ratio = share.images_per_s / ref.images_per_s
+        share_rows = [
+            f"| images/s, CPU share of the device path at {args.size} px, one core | "
+            f"{ref.images_per_s:.1f} | {share.images_per_s:.1f} | {share_ratio:.2f} |",
+            f"| ms per image | {1000 / ref.images_per_s:.2f} | {1000 / share.images_per_s:.2f} | "
+            f"{ref.images_per_s / share.images_per_s:.2f} |",
+            f"| CPU ms per image (thread time) | {1000 * ref.cpu_seconds / ref.images:.2f} | "
+            f"{1000 * share.cpu_seconds / share.images:.2f} | "
+            f"{(share.cpu_seconds / share.images) / (ref.cpu_seconds / ref.images):.2f} |",
+            f"| bytes per image (2 views + parameters) | {ref.bytes_per_image} | "
+            f"{share.bytes_per_image} | {share.bytes_per_image / ref.bytes_per_image:.2f} |",
+        ]
         notes = [
             f"input: {source} ({len(paths)} files, mean size {mean_size[0]}x{mean_size[1]})",
             "reference = facebookresearch/moco main_moco.py aug+ (torchvision, PIL decode of the "
             "full image, ToTensor + Normalize float32); ours = TwoCropsTransform(moco_v2_transform"
             "(size)).load under a per-sample seed (uint8 views, OpenCV Gaussian blur and HSV "
-            "converters)",
+            "converters); ours_cpu_share (second table) = TwoCropsDeviceAugment(moco_v2_transform"
+            "(size)).load under a per-sample seed: draws, decode, crop + resize, flip (uint8 views "
+            "+ parameters; colour, grey, blur and normalisation left to the device, untimed)",
             f"one thread, no workers, {args.rounds} alternating blocks of "
             f"{args.seconds / args.rounds:.1f} s per pipeline, collated in batches of "
             f"{args.batch or 'none'}; JPEG reductions chosen by ours: {drafts}",
@@ -297,7 +336,7 @@ def main(argv=None) -> dict:
             "slows both pipelines, ours more: compare ratios from runs on an idle machine)",
         ]
         name = "data_pipeline.py: MoCo v2 aug+ input pipeline"
-        append_result(name, [(RATIO_HEADER, rows)], notes)
+        append_result(name, [(RATIO_HEADER, rows), (RATIO_HEADER, share_rows)], notes)
     return results
 
 

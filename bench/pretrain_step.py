@@ -18,8 +18,8 @@ pipeline, e.g.
 
 Prints one JSON object (also written to --out if given) and appends to bench/results.md, with the
 machine, versions and date: the engine vs reference s/iter and their ratio, the training images/s
-of both with the precision actually used (AMP bf16/fp16 on a GPU; fp32 on CPU, where
-``SOLVER.AMP.ENABLED`` is ignored), and the data pipeline images/s for 0 and ``--workers`` workers.
+of both with the precision actually used (AMP bf16/fp16 with ``--amp``, on a GPU or in the CPU's
+autocast; else fp32), and the data pipeline images/s for 0 and ``--workers`` workers.
 """
 
 import argparse
@@ -74,6 +74,8 @@ def bench_step(args, out_dir):
             "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", out_dir, "SOLVER.CHECKPOINT_PERIOD", 10**9,
             "SOLVER.AMP.ENABLED", args.amp != "none", "MODEL.CHANNELS_LAST", args.channels_last,
             "SOLVER.AMP.PRECISION", "float16" if args.amp == "fp16" else "bfloat16",
+            # explicit, so that --amp on a machine without GPU times the CPU's autocast
+            "MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu",
         ]
     )  # fmt: skip
     seed_all_rng(0)
@@ -136,7 +138,7 @@ def bench_step(args, out_dir):
         "engine_s_per_iter_rounds": engine_times,
         "reference_s_per_iter_rounds": ref_times,
         "device": str(device),
-        # what the step ran in: --amp is ignored on CPU (the Pretrainer trains in float32 there)
+        # what the step ran in (--amp on the CPU: the CPU's autocast)
         "precision": f"AMP {str(amp).removeprefix('torch.')}" if amp is not None else "fp32",
         "channels_last": bool(args.channels_last),
         "num_negatives": int(cfg.LOSS.NUM_NEGATIVES),

@@ -37,6 +37,7 @@ __all__ = [
     "get_loss",
     "pairwise_logits",
     "sample_batch_negatives",
+    "shared_negative_positions",
     "batch_logits",
 ]
 
@@ -231,6 +232,18 @@ def pairwise_logits(
     return pos, neg
 
 
+def shared_negative_positions(
+    num_keys: int,
+    num_negatives: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The K positions ``randperm(num_keys - 1)[:K]`` of the released SiMo code's shared draw
+    (:func:`sample_batch_negatives` with ``shared=True``), on the generator's device."""
+    device = generator.device if generator is not None else device
+    return torch.randperm(num_keys - 1, generator=generator, device=device)[:num_negatives]
+
+
 def sample_batch_negatives(
     num_keys: int,
     num_negatives: int,
@@ -239,6 +252,7 @@ def sample_batch_negatives(
     shared: bool = True,
     device: Optional[torch.device] = None,
     rows: Optional[slice] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Indices ``[N, K]`` of K negative keys per query, drawn from a batch of ``num_keys`` keys.
 
@@ -261,6 +275,9 @@ def sample_batch_negatives(
     is key i) but only the queries ``rows`` are selected, i.e. exactly the rows of the full draw,
     at the cost of the selection for this process's queries only (the noise of the other rows is
     generated but not sorted).
+
+    ``positions`` (``shared=True`` only): the K positions already drawn by
+    :func:`shared_negative_positions` (e.g. broadcast from process 0), instead of drawing them.
     """
     if device is None:
         device = own_index.device if own_index is not None else torch.device("cpu")
@@ -285,8 +302,10 @@ def sample_batch_negatives(
             raise ValueError(f"own_index must be a 1-D index tensor, got {tuple(own_index.shape)}")
         own = own_index.to(device=sample_device, dtype=torch.long)
     if shared:
-        positions = torch.randperm(num_keys - 1, generator=generator, device=sample_device)
-        pick = positions[:num_negatives].unsqueeze(0).expand(own.shape[0], -1)
+        if positions is None:
+            positions = shared_negative_positions(num_keys, num_negatives, generator, sample_device)
+        positions = positions.to(sample_device)
+        pick = positions.unsqueeze(0).expand(own.shape[0], -1)
     else:
         num_rows = num_keys if rows is not None else own.shape[0]
         noise = torch.rand(num_rows, num_keys - 1, generator=generator, device=sample_device)

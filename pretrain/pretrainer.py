@@ -19,18 +19,20 @@ from detectron2.utils import comm
 from pretrain.config import effective_lr
 from pretrain.data import (
     RobustImageFolder,
-    TwoCropsTransform,
     build_image_folder,
     build_train_loader,
     count_bad_files,
     eval_transform,
     moco_v2_transform,
+    two_crops_transform,
+    use_device_augment,
 )
 from pretrain.engine import (
     AtomicCheckpointer,
     RNGStates,
     TrainingRun,
     build_lr_multiplier,
+    amp_dtype,
     create_ddp_model,
     warmup_iterations,
 )
@@ -68,8 +70,9 @@ class Pretrainer(TrainingRun):
         self.dataset = build_image_folder(
             cfg.DATASETS.ROOT,
             cfg.DATASETS.TRAIN_SPLIT,
-            TwoCropsTransform(
-                moco_v2_transform(cfg.INPUT.SIZE, (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE))
+            two_crops_transform(
+                moco_v2_transform(cfg.INPUT.SIZE, (cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE)),
+                on_device=use_device_augment(cfg.INPUT.DEVICE_AUGMENT, self.device),
             ),
         )
         cuda = self.device.type == "cuda"
@@ -88,11 +91,23 @@ class Pretrainer(TrainingRun):
         else:
             self.max_iter = max(int(round(cfg.SOLVER.EPOCHS * self.iters_per_epoch)), 1)
         self.model: ContrastiveMethod = build_method(cfg, self.device)
+        per_query = getattr(self.model, "shared_negatives", True) is False
+        if per_query and cfg.SOLVER.IMS_PER_BATCH > 1024:
+            # measured on one core: 0.4 ms at N = 256, 11 ms at 1024, 290 ms at 4096 (docs/gpus.md)
+            logger.warning(
+                "LOSS.SHARED_NEGATIVES False at a global batch of %d: the per-query negatives draw "
+                "N x (N - 1) numbers on the CPU every step (~290 ms at N = 4096); consider "
+                "LOSS.SHARED_NEGATIVES True (the released SiMo code's selection).",
+                cfg.SOLVER.IMS_PER_BATCH,
+            )
         # no buffer broadcast at every forward: with SyncBN over all processes the BN buffers
         # stay identical, the queue is built from gathered keys, and with BN groups
         # (MODEL.SYNC_BN_GROUP_SIZE) or per-process BN each process keeps its own statistics
         # (the checkpoint holds rank 0's)
-        train_model = create_ddp_model(self.model, broadcast_buffers=False)
+        # device_ids=None: DDP leaves the inputs where they are; the method's forward moves the
+        # views itself, and the device path's augmentation parameters stay on the host (were DDP
+        # to move them, reading their kernel sizes would make the host wait every step)
+        train_model = create_ddp_model(self.model, broadcast_buffers=False, device_ids=None)
         if cfg.MODEL.COMPILE:
             train_model = torch.compile(train_model)
         self.lr = effective_lr(cfg)
@@ -102,13 +117,12 @@ class Pretrainer(TrainingRun):
             momentum=cfg.SOLVER.MOMENTUM,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-        amp_dtype = None
-        if cfg.SOLVER.AMP.ENABLED:
-            if cuda:
-                amp_dtype = getattr(torch, cfg.SOLVER.AMP.PRECISION)
-            else:
-                logger.warning("SOLVER.AMP.ENABLED is ignored on CPU; training in float32.")
-        self.build_trainer(train_model, optimizer, amp_dtype)
+        amp = cfg.SOLVER.AMP
+        self.build_trainer(
+            train_model,
+            optimizer,
+            amp_dtype(amp.ENABLED, amp.PRECISION, self.device, cfg.MODEL.DEVICE),
+        )
         warmup_iters = warmup_iterations(cfg, self.iters_per_epoch)
         self.scheduler = LRMultiplier(
             self.optimizer,

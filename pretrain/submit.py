@@ -164,16 +164,9 @@ def export_distributed_env() -> Dict[str, str]:
 def _init_process_group_from_env() -> None:
     """What :func:`pretrain.engine.launch_from_args` does under torchrun, for a tool that does
     not read the environment itself (its detectron2 ``launch`` then runs in this process)."""
-    import torch
-    import torch.distributed as dist
-    from detectron2.utils import comm
+    from pretrain.engine.launch import init_from_environment, resolve_device
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
-    comm.create_local_process_group(int(os.environ["LOCAL_WORLD_SIZE"]))
-    comm.synchronize()
+    init_from_environment(resolve_device("auto"))
 
 
 def _load_tool(tool: str, tools_dir: str) -> Any:

@@ -68,6 +68,7 @@ def tiny_pretrain_cfg():
             "SOLVER.WARMUP_EPOCHS": 0.0,
             "LOSS.NUM_NEGATIVES": 4,
             "DATALOADER.NUM_WORKERS": 0,
+            "MODEL.DEVICE": "cpu",  # the CPU's numbers (exact resume etc.) on a GPU machine too
             "CUDNN_BENCHMARK": False,
             "LOG_PERIOD": 1,
             "OUTPUT_DIR": str(out),

@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     cfg = load_lincls_cfg(args.config_file, opts)
     cfg.freeze()
     load_pretrained(weights_path(cfg, args), cfg.MODEL.ARCH, unsafe=args.unsafe)
-    launch_from_args(run, args, cfg, args)
+    launch_from_args(run, args, cfg, args, device=cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":

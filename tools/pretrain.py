@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     # validated here, before any process is spawned: a bad key or path costs nothing
     cfg = load_pretrain_cfg(args.config_file, args.opts)
     cfg.freeze()
-    launch_from_args(run, args, cfg, args)
+    launch_from_args(run, args, cfg, args, device=cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ Public API (also used by :mod:`pretrain.lincls`):
   (4) OpenCV's blur, 4-9x faster than PIL's, on a grey view's single band; the flip is done by the
   planar copy, and :meth:`MoCoV2Augment.sample` makes torchvision's draws without its per-call
   tensor overhead.
+* The device path (``INPUT.DEVICE_AUGMENT``, :mod:`pretrain.data.device_augment`):
+  :class:`TwoCropsDeviceAugment` makes the same draws, decode, crops and flip in the loader and
+  ships :class:`DeviceView` s (uint8 pixels + drawn parameters); :func:`augment_on_device` does the
+  colour jitter, grayscale, blur and normalisation of the batch on the model's device
+  (:meth:`pretrain.methods.ContrastiveMethod.forward`); :func:`use_device_augment` /
+  :func:`two_crops_transform` pick the path (docs/methods.md, "Augmentation").
 * :class:`ResumableDistributedSampler` + :class:`ResumableLoader` and the builders
   :func:`build_train_loader` / :func:`build_eval_loader` -- distributed-aware loaders; the training
   loader iterates epoch after epoch (calling ``set_epoch``) and its position (epoch, batch) is
@@ -48,6 +54,14 @@ from pretrain.data.datasets import (
     count_bad_files,
     load_rgb,
     open_rgb,
+)
+from pretrain.data.device_augment import (
+    DEVICE_AUGMENT_CHOICES,
+    DeviceView,
+    TwoCropsDeviceAugment,
+    augment_on_device,
+    two_crops_transform,
+    use_device_augment,
 )
 from pretrain.data.loaders import (
     ResumableDistributedSampler,
@@ -85,6 +99,12 @@ __all__ = [
     "adjust_hue",
     "normalize_uint8",
     "TwoCropsTransform",
+    "TwoCropsDeviceAugment",
+    "DeviceView",
+    "DEVICE_AUGMENT_CHOICES",
+    "augment_on_device",
+    "two_crops_transform",
+    "use_device_augment",
     "eval_transform",
     "lincls_train_transform",
     "ResumableDistributedSampler",

@@ -233,18 +233,25 @@ class MoCoV2Augment:
                 return s
         return 1
 
-    def render(self, img: Image.Image, view: ViewParams, factor: int = 1) -> torch.Tensor:
-        """The view as a uint8 ``[3, size, size]`` tensor; ``img`` (RGB; other modes are
-        converted) is the decode reduced by ``factor`` (crop coordinates are divided by it)."""
+    def resized_crop(self, img: Image.Image, view: ViewParams, factor: int = 1) -> Image.Image:
+        """The view's crop of ``img`` resized to ``size`` x ``size`` (RGB; other modes are
+        converted); ``img`` is the decode reduced by ``factor`` (crop coordinates are divided by
+        it). The first step of :meth:`render`, and all the pixel work of the device path's CPU
+        share (:class:`pretrain.data.device_augment.TwoCropsDeviceAugment`) but the flip."""
         if img.mode != "RGB":
             img = img.convert("RGB")
         top, left, h, w = view.box
         if factor == 1:  # torchvision's resized_crop: crop, then BILINEAR (antialiased) resize
             out = img.crop((left, top, left + w, top + h))
-            out = out.resize((self.size, self.size), Image.BILINEAR)
-        else:  # the same region of the reduced decode, in fractional pixels
-            box = (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
-            out = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+            return out.resize((self.size, self.size), Image.BILINEAR)
+        # the same region of the reduced decode, in fractional pixels
+        box = (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
+        return img.resize((self.size, self.size), Image.BILINEAR, box=box)
+
+    def render(self, img: Image.Image, view: ViewParams, factor: int = 1) -> torch.Tensor:
+        """The view as a uint8 ``[3, size, size]`` tensor; ``img`` (RGB; other modes are
+        converted) is the decode reduced by ``factor`` (crop coordinates are divided by it)."""
+        out = self.resized_crop(img, view, factor)
         if view.jitter is not None:
             order, *factors = view.jitter
             for k in order:
@@ -354,7 +361,7 @@ class TwoCropsTransform:
             return [self.base_transform(img), self.base_transform(img)]
         aug = self.base_transform
         views = [aug.sample(*img.size), aug.sample(*img.size)]
-        return [aug.render(img, v) for v in views]
+        return [self.render(img, v) for v in views]
 
     def load(self, path: str) -> List[torch.Tensor]:
         """The two views of the image file ``path``: one decode (reduced when both crops allow
@@ -369,7 +376,13 @@ class TwoCropsTransform:
             return aug.draft_factor(views)
 
         img, factor = open_rgb(path, plan)
-        return [aug.render(img, v, factor) for v in views]
+        return [self.render(img, v, factor) for v in views]
+
+    def render(self, img: Image.Image, view: ViewParams, factor: int = 1) -> Any:
+        """One view of the (reduced) decode ``img``: :meth:`MoCoV2Augment.render`'s uint8 view
+        here; the device path's CPU share in
+        :class:`pretrain.data.device_augment.TwoCropsDeviceAugment`."""
+        return self.base_transform.render(img, view, factor)
 
     def __repr__(self) -> str:
         return f"TwoCropsTransform({self.base_transform!r})"

@@ -10,27 +10,33 @@
 * :mod:`.run` -- what every run shares whichever loop it drives (:class:`RunMixin`: resume decided
   by process 0, ``results.json``; OUTPUT_DIR preparation, DDP on CPU as on GPU), also used by the
   detection trainer :class:`transfer.trainer.Trainer`;
-* :mod:`.train_loop` -- ``SimpleTrainer`` / ``AMPTrainer`` and :class:`TrainingRun`, the base of
-  :class:`pretrain.pretrainer.Pretrainer` and :class:`pretrain.lincls.LinearEvaluator`.
+* :mod:`.train_loop` -- ``SimpleTrainer`` / :class:`DeviceAMPTrainer` and :class:`TrainingRun`,
+  the base of :class:`pretrain.pretrainer.Pretrainer` and :class:`pretrain.lincls.LinearEvaluator`.
 """
 
 from pretrain.engine.checkpoint import AtomicCheckpointer, RNGStates
 from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
 from pretrain.engine.launch import (
+    amp_dtype,
     check_shared_output_dir,
     finish_distributed,
     get_device,
     launch_from_args,
+    no_cuda_reason,
+    resolve_device,
     setup_run,
 )
 from pretrain.engine.run import RunMixin, create_ddp_model, prepare_output_dir, write_results
 from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
-from pretrain.engine.train_loop import TrainingRun, build_trainer
+from pretrain.engine.train_loop import DeviceAMPTrainer, TrainingRun, build_trainer
 
 __all__ = [
     "launch_from_args",
     "finish_distributed",
     "get_device",
+    "resolve_device",
+    "no_cuda_reason",
+    "amp_dtype",
     "setup_run",
     "check_shared_output_dir",
     "AtomicCheckpointer",
@@ -42,6 +48,7 @@ __all__ = [
     "build_lr_multiplier",
     "warmup_iterations",
     "build_trainer",
+    "DeviceAMPTrainer",
     "RunMixin",
     "TrainingRun",
     "create_ddp_model",

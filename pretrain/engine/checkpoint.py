@@ -179,7 +179,20 @@ class RNGStates:
         )
         random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
         for k, g in self.generators.items():
-            if k in s["generators"]:
-                g.set_state(s["generators"][k])
+            if k not in s["generators"]:
+                continue
+            state = s["generators"][k]
+            if state.numel() != g.get_state().numel():
+                # e.g. a CUDA (Philox) generator's state from a checkpoint of an older version
+                logger.warning(
+                    "The checkpoint's %r generator state (%d bytes) is not that of this run's CPU "
+                    "generator (%d bytes): it continues from its seed, so its draws (negatives, "
+                    "shuffles) are not those of an uninterrupted run.",
+                    k,
+                    state.numel(),
+                    g.get_state().numel(),
+                )
+                continue
+            g.set_state(state)
         if "cuda" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state(s["cuda"])

@@ -1,5 +1,6 @@
-"""Hooks of every training loop: stop before an update with a non-finite gradient, progress
-(images/s, epoch, ETA) and the writers (log line, metrics.json, tensorboard)."""
+"""Hooks of every training loop: stop before an update with a non-finite loss or gradient (float16
+overflow steps that the GradScaler skips are counted, not fatal), progress (images/s, epoch, ETA)
+and the writers (log line, metrics.json, tensorboard)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,38 @@ import torch
 from detectron2.engine import hooks
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-__all__ = ["NonFiniteLossError", "FiniteCheckHook", "ProgressHook", "build_writers"]
+__all__ = [
+    "NonFiniteLossError",
+    "FiniteCheckHook",
+    "MAX_CONSECUTIVE_SKIPPED",
+    "ProgressHook",
+    "build_writers",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (hence its gradients) became NaN/inf at ``iteration``; raised before the
-    optimizer step of iteration ``detected`` (>= ``iteration``), and before any checkpoint of an
-    iteration >= ``iteration`` was written."""
+    """Training cannot go on from iteration ``iteration``: the loss (hence its gradients) became
+    NaN/inf, or, with float16 loss scaling, ``skipped`` consecutive steps overflowed (the
+    GradScaler skipped them all). Raised at iteration ``detected`` (>= ``iteration``), before its
+    optimizer step and before any checkpoint of an iteration >= ``iteration`` was written."""
 
-    def __init__(self, iteration: int, detected: Optional[int] = None) -> None:
+    def __init__(
+        self, iteration: int, detected: Optional[int] = None, skipped: int = 0
+    ) -> None:
         self.iteration = iteration
         self.detected = iteration if detected is None else detected
-        super().__init__(f"the loss became non-finite at iteration {iteration} (NaN/inf gradients)")
+        self.skipped = skipped
+        if skipped:
+            what = (
+                f"float16 gradients overflowed in {skipped} consecutive steps up to iteration "
+                f"{iteration} (the GradScaler skipped every one of them)"
+            )
+        else:
+            what = f"the loss became non-finite at iteration {iteration}"
+        self.what = what
+        super().__init__(what)
 
 
 class _HideNonFiniteTraceback(logging.Filter):
@@ -35,33 +56,82 @@ class _HideNonFiniteTraceback(logging.Filter):
         return not isinstance(exc, NonFiniteLossError)
 
 
-class FiniteCheckHook(hooks.HookBase):
-    """Stop the run when a step's gradients are not all finite (a NaN/inf loss makes them so).
+# float16 steps the GradScaler may skip in a row before the run is declared diverged: each skip
+# halves the loss scale, so 30 in a row take the default 2^16 down to 2^-14 (gradients of an
+# ordinary loss never overflow at such a scale; a loss that stays NaN/inf skips every step)
+MAX_CONSECUTIVE_SKIPPED = 30
 
-    Every step, after the backward, one fused ``torch._foreach_norm`` on the device records the
-    first bad iteration in a device tensor, without reading it back. The host reads it every
-    ``period`` iterations (LOG_PERIOD), at every ``checkpoint_period`` iteration and at the last
-    one, before that step's update and save, and raises :class:`NonFiniteLossError`: no
+
+class FiniteCheckHook(hooks.HookBase):
+    """Stop the run when the loss or the gradients of a step are not finite; with float16 loss
+    scaling, count the overflow steps the GradScaler skips and stop only on a non-finite loss or
+    on ``max_skipped`` skipped steps in a row.
+
+    The loss is read by a forward hook on the trainer's model (the sum of the loss dict it
+    returns in training mode). Every step the checks run on the device and record the first bad
+    iteration in a device tensor, without reading it back:
+
+    * without loss scaling (float32, bfloat16): after the backward, the loss and one fused
+      ``torch._foreach_norm`` of the gradients must be finite;
+    * with an enabled ``GradScaler`` (``SOLVER.AMP.PRECISION float16``): an inf/NaN gradient is an
+      ordinary overflow that the scaler handles (it skips the update and halves its scale), so
+      only the loss must be finite; after the step, a step whose scale went down was skipped,
+      counted in ``amp/skipped_steps`` (with ``amp/loss_scale``, written every ``period``), and
+      ``max_skipped`` skipped steps in a row stop the run.
+
+    The host reads the record every ``period`` iterations (LOG_PERIOD), at every
+    ``checkpoint_period`` iteration and at the last one, before that step's update (the run of
+    skipped steps: after its skipped update) and save, and raises :class:`NonFiniteLossError`: no
     checkpoint ever holds weights updated with a non-finite gradient. Every process stops at the
-    same iteration without a collective: DDP has already averaged the gradients, so all processes
-    check the same values.
+    same iteration without a collective: the gradients are all-reduced and the loss scale follows
+    them, so all processes see the same overflows (and a NaN loss makes NaN gradients).
     """
 
     def __init__(
-        self, params: Iterable[torch.Tensor], period: int = 1, checkpoint_period: int = 0
+        self,
+        params: Iterable[torch.Tensor],
+        period: int = 1,
+        checkpoint_period: int = 0,
+        max_skipped: int = MAX_CONSECUTIVE_SKIPPED,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.period = max(int(period), 1)
         self.checkpoint_period = int(checkpoint_period)
-        self._first_bad: Optional[torch.Tensor] = None
+        self.max_skipped = int(max_skipped)
         self._filter = _HideNonFiniteTraceback()
+        self._handle: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loss: Optional[torch.Tensor] = None
+        self._first_bad: Optional[torch.Tensor] = None  # -1, or the first bad iteration
+        self._run_start: Optional[torch.Tensor] = None  # first iteration of the skipped run
+        self._scale_before: Optional[torch.Tensor] = None
+        self._run: Optional[torch.Tensor] = None  # consecutive skipped steps
+        self._long_run: Optional[torch.Tensor] = None  # start of the first too-long run, or -1
+        self._skipped: Optional[torch.Tensor] = None  # skipped steps in this run of train()
+        self._skipped_logged = 0
+
+    def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def before_train(self) -> None:
-        self._first_bad = None
+        self._reset()
         logging.getLogger("detectron2.engine.train_loop").addFilter(self._filter)
+        self._handle = self.trainer.model.register_forward_hook(self._capture_loss)
 
     def after_train(self) -> None:
         logging.getLogger("detectron2.engine.train_loop").removeFilter(self._filter)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _capture_loss(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if module.training and isinstance(output, dict):
+            losses = [v.detach().float().sum() for v in output.values() if torch.is_tensor(v)]
+            if losses:
+                self._loss = torch.stack(losses).sum()
 
     def _due(self, it: int) -> bool:
         return (
@@ -70,20 +140,70 @@ class FiniteCheckHook(hooks.HookBase):
             or it >= self.trainer.max_iter - 1
         )
 
-    def after_backward(self) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
-        it = self.trainer.iter
-        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()
+    def _record(self, finite: torch.Tensor, it: int) -> None:
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
         # -1 while every step was finite, else the first bad iteration (no host read)
         self._first_bad = torch.where((self._first_bad < 0) & ~finite, it, self._first_bad)
+
+    def _loss_finite(self, device: torch.device) -> torch.Tensor:
+        if self._loss is None:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return self._loss.isfinite()
+
+    def after_backward(self) -> None:
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            # the scale this step's backward used (the scaler's own tensor, no host read)
+            self._scale_before = scaler._scale.clone() if scaler._scale is not None else None
+        grads = [] if scaler is not None else [p.grad for p in self.params if p.grad is not None]
+        if not grads and self._loss is None:
+            return
+        it = self.trainer.iter
+        device = grads[0].device if grads else self._loss.device
+        finite = self._loss_finite(device)
+        if grads:  # scaled gradients may overflow: the scaler's business, checked after the step
+            finite = finite & torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        self._record(finite, it)
         if self._due(it):
             first = int(self._first_bad)  # the one host read, once per period
             if first >= 0:
                 raise NonFiniteLossError(first, detected=it)
+
+    def after_step(self) -> None:
+        scaler = self._grad_scaler()
+        if scaler is None or self._scale_before is None:
+            return
+        it = self.trainer.iter
+        scale = scaler._scale
+        skipped = (scale < self._scale_before).long()  # update() halved it: the step was skipped
+        if self._run is None:
+            zero = torch.zeros((), dtype=torch.long, device=scale.device)
+            self._run, self._skipped = zero, zero
+            self._run_start, self._long_run = zero - 1, zero - 1
+        self._skipped = self._skipped + skipped
+        self._run_start = torch.where(self._run == 0, it, self._run_start)
+        self._run = (self._run + 1) * skipped
+        # the first iteration of the first run of max_skipped skipped steps, else -1
+        long_run = (self._long_run < 0) & (self._run >= self.max_skipped)
+        self._long_run = torch.where(long_run, self._run_start, self._long_run)
+        if not self._due(it):
+            return
+        # the one host read, once per period (the loss was checked after the backward)
+        first_long_run, skipped_total = torch.stack([self._long_run, self._skipped]).tolist()
+        loss_scale = float(scale)
+        self.trainer.storage.put_scalar("amp/skipped_steps", skipped_total, smoothing_hint=False)
+        self.trainer.storage.put_scalar("amp/loss_scale", loss_scale, smoothing_hint=False)
+        if skipped_total > self._skipped_logged:
+            logger.info(
+                "float16: %d step(s) skipped by the GradScaler (gradient overflow) so far; loss "
+                "scale now %g",
+                skipped_total,
+                loss_scale,
+            )
+            self._skipped_logged = skipped_total
+        if first_long_run >= 0:
+            raise NonFiniteLossError(first_long_run, detected=it, skipped=self.max_skipped)
 
 
 class ProgressHook(hooks.HookBase):

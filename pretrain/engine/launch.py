@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,48 +20,174 @@ from detectron2.engine.defaults import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from pretrain.config import DEVICES
 from pretrain.io import UserError
 
 __all__ = [
     "launch_from_args",
     "finish_distributed",
     "get_device",
+    "resolve_device",
+    "amp_dtype",
+    "local_rank_and_size",
+    "init_from_environment",
     "setup_run",
+    "set_tf32",
     "check_shared_output_dir",
 ]
 
 
-def launch_from_args(main: Callable[..., Any], args: Any, *main_args: Any) -> None:
+def launch_from_args(
+    main: Callable[..., Any], args: Any, *main_args: Any, device: str = "auto"
+) -> None:
     """Run ``main(*main_args)`` on every process of the job described by ``args``.
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is initialised
-    from the environment (NCCL with CUDA, else gloo) and ``main`` runs in this process. Otherwise
-    detectron2's ``launch`` spawns ``--num-gpus`` processes per machine (it picks gloo when CUDA is
-    absent, so ``--num-gpus 2`` also runs two CPU processes).
+    ``device`` is the config's MODEL.DEVICE (auto | cuda | cpu, :func:`resolve_device`): a CPU job
+    runs gloo processes that cannot see the GPUs, also on a GPU machine (so ``--num-gpus 2`` with
+    MODEL.DEVICE cpu is two CPU processes, as in the tests), a CUDA job one NCCL process per GPU.
+
+    Under ``torchrun`` (or ``srun`` / ``mpirun`` with ``WORLD_SIZE`` exported: ``WORLD_SIZE`` > 1 in
+    the environment) the process group is initialised from the environment and ``main`` runs in
+    this process, on the GPU of its local rank (:func:`local_rank_and_size`). Otherwise
+    detectron2's ``launch`` spawns ``--num-gpus`` processes per machine.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
-        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        comm.synchronize()
+    kind = resolve_device(device)
+    if _env_world_size() > 1 and not dist.is_initialized():
+        init_from_environment(kind)
         main(*main_args)
         return
+    hide_gpus = kind == "cpu" and args.num_gpus * args.num_machines > 1
     try:
-        launch(
-            _run_worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(main, *main_args),
-        )
+        # the spawned workers inherit the environment: without visible GPUs detectron2's
+        # worker picks gloo and does not assert --num-gpus <= the GPU count
+        with _environment(CUDA_VISIBLE_DEVICES="" if hide_gpus else None):
+            launch(
+                _run_worker,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(main, *main_args),
+            )
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == 2:  # a worker already printed its one-sentence UserError
             raise SystemExit(2) from None
         raise
+
+
+@contextlib.contextmanager
+def _environment(**values: Optional[str]) -> Iterator[None]:
+    """Set the environment variables of ``values`` that are not None, restore them after."""
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# where each launcher puts the rank, the local rank and the local world size; the job is the one
+# WORLD_SIZE describes (torchrun, our submitit jobs; export it from SLURM_NTASKS under srun)
+_RANK_NAMES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+_LOCAL_RANK_NAMES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
+_LOCAL_SIZE_NAMES = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def _env_int(name: str) -> Optional[int]:
+    """``int`` of the environment variable ``name`` (SLURM writes e.g. ``8(x2)``), or None."""
+    value = os.environ.get(name, "").split("(")[0].split(",")[0].strip()
+    return int(value) if value.isdigit() else None
+
+
+def _first_env_int(names: Tuple[str, ...]) -> Optional[int]:
+    """The value of the first of ``names`` that is set (as :func:`_env_int`), or None."""
+    values = [_env_int(name) for name in names]
+    return next((v for v in values if v is not None), None)
+
+
+def _env_world_size() -> int:
+    return _env_int("WORLD_SIZE") or 1
+
+
+def local_rank_and_size() -> Tuple[int, int, int, int]:
+    """``(rank, world_size, local_rank, local_world_size)`` of a job started by torchrun, srun or
+    mpirun with ``WORLD_SIZE`` set: each value from the first variable of torchrun's, SLURM's or
+    Open MPI's names that is set. Without a local rank every process of a machine would take GPU
+    0: that is one sentence. An unknown local world size is -1; :func:`init_from_environment`
+    then counts the processes on each host."""
+    world = _env_world_size()
+    rank, local = _first_env_int(_RANK_NAMES), _first_env_int(_LOCAL_RANK_NAMES)
+    if rank is None or local is None:
+        missing = " / ".join(_RANK_NAMES if rank is None else _LOCAL_RANK_NAMES)
+        raise UserError(
+            f"WORLD_SIZE={world} is set but none of {missing} is: start the job with torchrun, "
+            "srun or mpirun (they set the rank and local rank of every process), or unset "
+            "WORLD_SIZE."
+        )
+    local_size = _first_env_int(_LOCAL_SIZE_NAMES)
+    return rank, world, local, -1 if local_size is None else local_size
+
+
+def _cuda_index(local_rank: int) -> int:
+    """The GPU of local rank ``local_rank``: the local rank among all of a machine's GPUs, or
+    the only visible one when the launcher gave each process its own (``CUDA_VISIBLE_DEVICES``
+    per task, e.g. srun ``--gpus-per-task 1``)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise UserError(
+        f"local rank {local_rank} has no GPU of its own: this process sees {count} GPUs; start "
+        "at most one process per GPU (e.g. torchrun --nproc_per_node <GPUs>)."
+    )
+
+
+def init_from_environment(kind: str) -> None:
+    """Join the process group the environment describes: NCCL on this process's GPU (its local
+    rank's, set before the group exists) for CUDA, gloo for the CPU; then detectron2's local
+    process group, which ``comm.get_local_rank()`` reads."""
+    rank, world, local, local_size = local_rank_and_size()
+    if "MASTER_ADDR" not in os.environ:
+        if local_size != world and _env_int("SLURM_NNODES") != 1:
+            raise UserError(
+                "MASTER_ADDR is not set: export MASTER_ADDR (the host of rank 0) and MASTER_PORT "
+                "for a job of several machines (torchrun sets both)."
+            )
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if kind == "cuda":
+        torch.cuda.set_device(_cuda_index(local))
+    dist.init_process_group(
+        backend="nccl" if kind == "cuda" else "gloo",
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+    )
+    if local_size < 0:  # the launcher did not say: count the processes on this host
+        hosts = comm.all_gather(socket.gethostname())
+        local_size = hosts.count(hosts[rank])
+        on_host = [r for r, h in enumerate(hosts) if h == hosts[rank]]
+        if on_host != list(range(on_host[0], on_host[0] + local_size)):
+            raise UserError(
+                f"the ranks on {hosts[rank]} are {on_host}, not consecutive: set "
+                "LOCAL_WORLD_SIZE, or start the job with torchrun / srun, which number the "
+                "processes of a machine consecutively."
+            )
+    comm.create_local_process_group(local_size)
+    if comm.get_local_rank() != local:
+        raise UserError(
+            f"process {rank}: the launcher says local rank {local}, but ranks are grouped "
+            f"{local_size} per machine, which makes it {comm.get_local_rank()}; check "
+            "LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE."
+        )
+    comm.synchronize()
 
 
 def _run_worker(main: Callable[..., Any], *main_args: Any) -> None:
@@ -88,11 +214,68 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def get_device() -> torch.device:
-    """This process's CUDA device (its local rank) or the CPU."""
+def no_cuda_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False, as far as can be told from here."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return "CUDA_VISIBLE_DEVICES is empty"
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: no GPU, or "
+        "an NVIDIA driver older than that CUDA needs (see nvidia-smi)"
+    )
+
+
+def resolve_device(name: str, key: str = "MODEL.DEVICE") -> str:
+    """``"cuda"`` or ``"cpu"`` for the config value ``name`` (auto | cuda | cpu): auto is CUDA
+    when a GPU is usable, else the CPU; cuda without a usable GPU is one sentence, never a silent
+    CPU run."""
+    if name not in DEVICES:
+        raise UserError(f"{key} {name!r} is unknown; choose one of {DEVICES}.")
+    if name == "cpu":
+        return "cpu"
     if torch.cuda.is_available():
-        return torch.device("cuda", comm.get_local_rank() if dist.is_initialized() else 0)
+        return "cuda"
+    if name == "auto":
+        return "cpu"
+    raise UserError(
+        f"{key} cuda needs a usable CUDA GPU, but {no_cuda_reason()}; set {key} cpu to run on "
+        "the CPU."
+    )
+
+
+def amp_dtype(
+    enabled: bool, precision: str, device: torch.device, device_key: str
+) -> Optional[torch.dtype]:
+    """The autocast dtype of ``SOLVER.AMP`` (``enabled``, ``precision``) for a run on ``device``
+    whose MODEL.DEVICE is ``device_key``, None for float32. Mixed precision is a GPU setting: on
+    the CPU it runs only when MODEL.DEVICE says cpu explicitly (the CPU's autocast, how the tests
+    reach it); ``auto`` that found no usable GPU is one sentence, not a silent change of numerics
+    (every stage: pretraining, lincls, detection)."""
+    if not enabled:
+        return None
+    if device.type != "cuda" and device_key != "cpu":
+        raise UserError(
+            f"SOLVER.AMP.ENABLED asks for mixed precision on a GPU, but {no_cuda_reason()}; set "
+            "SOLVER.AMP.ENABLED False to run in float32 on the CPU (or MODEL.DEVICE cpu for the "
+            "CPU's autocast)."
+        )
+    return getattr(torch, precision)
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """This process's device for MODEL.DEVICE ``name`` (:func:`resolve_device`): the current CUDA
+    device (the launcher set it to the local rank's GPU) or the CPU."""
+    if resolve_device(name) == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TensorFloat-32 for float32 matmuls and cuDNN convolutions (the TF32 config key); no effect
+    without an Ampere or newer GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 class _LogFileOnly(logging.Filter):
@@ -113,14 +296,15 @@ class _LogFileOnly(logging.Filter):
 def setup_run(cfg: Any, args: Any) -> None:
     """detectron2's ``default_setup``: OUTPUT_DIR, ``log.txt`` (rank 0; ``log.txt.rankN`` for the
     others), the environment and the full config in the log (not on the terminal),
-    ``config.yaml``, and seeding every RNG with ``SEED + rank``; this package's loggers
-    (``pretrain.*``) also go to the console and ``log.txt``."""
+    ``config.yaml``, and seeding every RNG with ``SEED + rank``; TF32 as the config says; this
+    package's loggers (``pretrain.*``) also go to the console and ``log.txt``."""
     # the logger default_setup configures (setup_logger is cached: same arguments, same logger)
     d2_logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
     for handler in d2_logger.handlers:  # all StreamHandlers: the console's writes to stdout
         if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
             handler.addFilter(_LogFileOnly())
     default_setup(cfg, args)
+    set_tf32(cfg.TF32)
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pretrain", abbrev_name="pt"
     )

@@ -33,13 +33,15 @@ def prepare_output_dir(output_dir: str) -> None:
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """detectron2's ``create_ddp_model`` (DistributedDataParallel with more than one process,
-    else ``model`` itself) that also wraps a model on the CPU: detectron2 passes
-    ``device_ids=[local rank]``, which DDP refuses for CPU modules; those get
-    ``device_ids=None`` (gloo processes)."""
+    else ``model`` itself) with the device the model is on: detectron2 passes
+    ``device_ids=[local rank]``, which DDP refuses for CPU modules (those get ``device_ids=None``,
+    gloo processes) and which is the wrong GPU when each process sees only its own (srun with one
+    GPU per task: local rank 3, the model on cuda:0)."""
     if "device_ids" not in kwargs:
         first = next(model.parameters(), None)
-        if first is not None and first.device.type == "cpu":
-            kwargs["device_ids"] = None
+        if first is not None:
+            cpu = first.device.type == "cpu"
+            kwargs["device_ids"] = None if cpu else [first.device.index]
     return _d2_create_ddp_model(model, **kwargs)
 
 

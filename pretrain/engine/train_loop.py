@@ -1,11 +1,13 @@
 """The one training loop of every stage: detectron2's ``SimpleTrainer`` (``AMPTrainer`` with mixed
-precision on CUDA) driven by :class:`TrainingRun`, the base of the pretraining and linear-eval runs
-(config, device, hooks, checkpointer, divergence message; resume and ``results.json`` from
-:class:`~pretrain.engine.run.RunMixin`, which the detection trainer shares)."""
+precision, on any device) driven by :class:`TrainingRun`, the base of the pretraining and
+linear-eval runs (config, device, hooks, checkpointer, divergence message; resume and
+``results.json`` from :class:`~pretrain.engine.run.RunMixin`, which the detection trainer
+shares)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -17,9 +19,41 @@ from pretrain.engine.launch import get_device
 from pretrain.engine.run import RunMixin, prepare_output_dir
 from pretrain.io import UserError
 
-__all__ = ["build_trainer", "TrainingRun"]
+__all__ = ["build_trainer", "DeviceAMPTrainer", "TrainingRun"]
 
 logger = logging.getLogger(__name__)
+
+
+class DeviceAMPTrainer(AMPTrainer):
+    """detectron2's ``AMPTrainer`` on the device of the model's parameters: its ``run_step``
+    asserts CUDA and autocasts with the deprecated ``torch.cuda.amp.autocast``; this one is the
+    same step under ``torch.autocast(device_type)``, so the float16 / bfloat16 path (GradScaler,
+    overflow steps) also runs, and is tested, on the CPU."""
+
+    def __init__(self, *args: Any, device_type: str = "cuda", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.device_type = device_type
+
+    def run_step(self) -> None:
+        assert self.model.training, "[DeviceAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
 
 def build_trainer(
@@ -30,17 +64,25 @@ def build_trainer(
     amp_dtype: Optional[torch.dtype] = None,
     grad_scaler: Optional[torch.amp.GradScaler] = None,
     log_period: int = 1,
+    device_type: str = "cuda",
 ) -> SimpleTrainer:
-    """``SimpleTrainer``, or ``AMPTrainer`` (autocast to ``amp_dtype``, CUDA only) when
-    ``amp_dtype`` is set, as detectron2's ``DefaultTrainer`` chooses. ``model(batch)`` returns a
-    dict of losses; the trainer zeroes the gradients before the forward. The losses are read
-    back and gathered over processes every ``log_period`` iterations only (detectron2's
-    ``gather_metric_period``): the other steps never wait for the device."""
+    """``SimpleTrainer``, or :class:`DeviceAMPTrainer` (autocast to ``amp_dtype`` on
+    ``device_type``) when ``amp_dtype`` is set, as detectron2's ``DefaultTrainer`` chooses.
+    ``model(batch)`` returns a dict of losses; the trainer zeroes the gradients before the
+    forward. The losses are read back and gathered over processes every ``log_period``
+    iterations only (detectron2's ``gather_metric_period``): the other steps never wait for the
+    device."""
     common = dict(zero_grad_before_forward=True, gather_metric_period=log_period)
     if amp_dtype is None:
         return SimpleTrainer(model, data_loader, optimizer, **common)
-    return AMPTrainer(
-        model, data_loader, optimizer, grad_scaler=grad_scaler, precision=amp_dtype, **common
+    return DeviceAMPTrainer(
+        model,
+        data_loader,
+        optimizer,
+        grad_scaler=grad_scaler,
+        precision=amp_dtype,
+        device_type=device_type,
+        **common,
     )
 
 
@@ -60,7 +102,7 @@ class TrainingRun(RunMixin):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
-        self.device = get_device()
+        self.device = get_device(cfg.MODEL.DEVICE)
         self.start_iter = 0
         self.max_iter = 0
         prepare_output_dir(cfg.OUTPUT_DIR)
@@ -85,6 +127,7 @@ class TrainingRun(RunMixin):
             amp_dtype=amp_dtype,
             grad_scaler=self.grad_scaler,
             log_period=self.cfg.LOG_PERIOD,
+            device_type=self.device.type,
         )
         return self.trainer
 
@@ -142,6 +185,6 @@ class TrainingRun(RunMixin):
                 last = self.checkpointer.get_checkpoint_file()
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
             raise UserError(
-                f"{self.stage} diverged: the loss became non-finite at iteration {e.iteration}; "
-                f"{kept}; lower SOLVER.BASE_LR (or check the data) and restart with --resume."
+                f"{self.stage} diverged: {e.what}; {kept}; lower SOLVER.BASE_LR (or check the "
+                "data; with float16, try SOLVER.AMP.PRECISION bfloat16) and restart with --resume."
             ) from e

@@ -35,12 +35,34 @@ def method_class(name: str) -> type:
 
 @torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` of every process in rank order (no gradient; keys of the global batch)."""
+    """Concatenate ``x`` of every process in rank order (no gradient; keys of the global batch).
+
+    What is sent and what receives it have the same (contiguous) layout: an NHWC
+    (channels_last) ``x`` would otherwise be received into NHWC buffers from NCHW bytes, a
+    layout mismatch that backends have silently reordered wrongly. The result has ``x``'s
+    memory format again."""
     if comm.get_world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(comm.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    nhwc = x.dim() == 4 and not x.is_contiguous()
+    nhwc = nhwc and x.is_contiguous(memory_format=torch.channels_last)
+    send = x.contiguous()
+    out = [torch.empty_like(send) for _ in range(comm.get_world_size())]
+    dist.all_gather(out, send)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    return torch.cat(out).contiguous(memory_format=fmt)
+
+
+@torch.no_grad()
+def broadcast_from_main(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as process 0 has it, on every process (in place; ``x`` on the process group's device).
+
+    For random draws that every process must use identically (MoCo's shuffle permutation,
+    SiMo's shared negatives): each process draws from the same seeded CPU generator, so the
+    draws already agree; the broadcast makes a wrong key assignment impossible even if a
+    process's generator state differs (a resume from another world size, a bug)."""
+    if comm.get_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
 
 
 def concat_all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +112,10 @@ class ContrastiveMethod(nn.Module):
         momentum: EMA momentum of the key encoder, or ``None`` for no key encoder.
         symmetric: also use (key view as query, query view as key) and average the two losses.
         seed: seed of the generator that draws negatives / shuffles; identical on every process,
-            so all processes draw the same global sample (its state is checkpointed).
+            so all processes draw the same global sample (its state is checkpointed). It is a CPU
+            generator on every device: its draws and its checkpointed state are the same on any
+            hardware (a CUDA generator's draws depend on the GPU model, and its state cannot be
+            restored into a CPU one), so a run resumes on CPU or GPU alike.
 
     Attributes:
         stats: ``{"health/contrastive_top1", "health/alignment", "health/uniformity",
@@ -178,9 +203,14 @@ class ContrastiveMethod(nn.Module):
         uint8 views (the pretraining loader's, :class:`pretrain.data.TwoCropsTransform`) are
         copied as uint8 (4x fewer bytes) and normalised here, in float32, with ImageNet's mean /
         std (:func:`pretrain.data.normalize_uint8`: the float pipeline's ops, so its numbers; bit
-        for bit on CPU, tested); float views are taken as already normalised."""
-        from pretrain.data import (
-            normalize_uint8,  # the loader side of the uint8 convention
+        for bit on CPU, tested); float views are taken as already normalised. Views of the
+        device path (``INPUT.DEVICE_AUGMENT``: :class:`pretrain.data.DeviceView`, uint8 pixels
+        cropped and flipped + drawn parameters) get their colour jitter, grayscale, blur and
+        normalisation here (:func:`pretrain.data.augment_on_device`)."""
+        from pretrain.data import (  # the loader side of the uint8 / device-path conventions
+            DeviceView,
+            augment_on_device,
+            normalize_uint8,
         )
 
         (im_q, im_k), _labels = batch
@@ -188,9 +218,13 @@ class ContrastiveMethod(nn.Module):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         views = []
         for im in (im_q, im_k):
-            im = im.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            if im.dtype == torch.uint8:
-                im = normalize_uint8(im)  # keeps the memory format
+            if isinstance(im, DeviceView):
+                pixels = im.image.to(device, non_blocking=True)
+                im = augment_on_device(pixels, im.params).contiguous(memory_format=fmt)
+            else:
+                im = im.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                if im.dtype == torch.uint8:
+                    im = normalize_uint8(im)  # keeps the memory format
             views.append(im)
         return self.losses(*views)
 

@@ -48,11 +48,8 @@ def build_method(cfg, device: torch.device) -> ContrastiveMethod:
         # after the method's deepcopy of the encoder (key encoder): a process group cannot be
         # copied; every process creates every group (sync_bn_process_group)
         group = sync_bn_process_group(m.SYNC_BN_GROUP_SIZE)
-        model = convert_to_sync_bn(model, device.type, group)
-    model = model.to(device)
-    if device.type != "cpu":
-        # draw negatives / shuffles where the keys are (no host round trip); same seed
-        model.generator = torch.Generator(device=device).manual_seed(int(seed))
+        model = convert_to_sync_bn(model, group)
+    model = model.to(device)  # its generator stays on the CPU (ContrastiveMethod)
     if m.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True

@@ -12,6 +12,7 @@ from pretrain.losses import pairwise_logits
 from pretrain.methods.base import (
     METHOD_REGISTRY,
     ContrastiveMethod,
+    broadcast_from_main,
     concat_all_gather,
 )
 
@@ -51,8 +52,8 @@ class MoCoV2(ContrastiveMethod):
         # statistics of a process do not come from the same images as its queries'
         n, rank = x.shape[0], comm.get_rank()
         x_all = concat_all_gather(x)
-        g = self.generator
-        perm = torch.randperm(x_all.shape[0], generator=g, device=g.device).to(x.device)
+        perm = torch.randperm(x_all.shape[0], generator=self.generator).to(x.device)
+        perm = broadcast_from_main(perm)  # every process must un-shuffle the same permutation
         k_perm = concat_all_gather(super().embed_k(x_all[perm[rank * n : (rank + 1) * n]]))
         k_all = torch.empty_like(k_perm)
         k_all[perm] = k_perm

@@ -8,10 +8,11 @@ from typing import Dict
 import torch
 from detectron2.utils import comm
 
-from pretrain.losses import pairwise_logits, sample_batch_negatives
+from pretrain.losses import pairwise_logits, sample_batch_negatives, shared_negative_positions
 from pretrain.methods.base import (
     METHOD_REGISTRY,
     ContrastiveMethod,
+    broadcast_from_main,
     concat_all_gather,
 )
 
@@ -45,9 +46,12 @@ class SiMo(ContrastiveMethod):
     def pair_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         k_all = concat_all_gather(k)
         first = comm.get_rank() * q.shape[0]
-        # the draw of the whole global batch (same generator state everywhere) on the model's
-        # device, selected for this rank's rows only: identical negatives to a single process
-        # holding the global batch
+        positions = None
+        if self.shared_negatives:  # one draw for every query of every process: process 0's
+            positions = shared_negative_positions(k_all.shape[0], self.k, self.generator)
+            positions = broadcast_from_main(positions.to(q.device))
+        # the draw of the whole global batch (same CPU generator state everywhere), selected for
+        # this rank's rows only: identical negatives to a single process holding the global batch
         idx = sample_batch_negatives(
             k_all.shape[0],
             self.k,
@@ -55,6 +59,7 @@ class SiMo(ContrastiveMethod):
             shared=self.shared_negatives,
             device=q.device,
             rows=slice(first, first + q.shape[0]),
+            positions=positions,
         )
         pos, neg = pairwise_logits(q, k, k_all[idx])
         return self.contrast(pos, neg)

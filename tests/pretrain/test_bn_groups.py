@@ -59,7 +59,7 @@ def _worker(rank, init_file, result_file):
     x2, x1 = _inputs(rank)
     for size in (2, 0):
         group = sync_bn_process_group(size)
-        bns = convert_to_sync_bn(_bns(), "cpu", group)
+        bns = convert_to_sync_bn(_bns(), group)
         assert isinstance(bns["bn2"], GroupNaiveSyncBatchNorm)
         assert isinstance(bns["bn1"], NaiveSyncBatchNorm1d)
         results[size] = _step(bns, x2, x1)

@@ -316,6 +316,7 @@ def test_cli_two_cpu_processes_and_resume(shapes, tmp_path):
         "DATASETS.ROOT", shapes, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "ddp"),
         "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_EPOCHS", "0",
+        "MODEL.DEVICE", "cpu",  # gloo processes that do not see a GPU, also on a GPU machine
     ]  # fmt: skip
     proc = _cli("--num-gpus", "2", "--dist-url", "auto", *common, "SOLVER.MAX_ITER", "2")
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -87,8 +87,10 @@ def test_convert_to_sync_bn_keeps_keys_and_values():
     enc = build_encoder("resnet18", 16, 32)
     with torch.no_grad():
         enc.bn1.running_mean.uniform_()
-    sync = convert_to_sync_bn(enc, "cpu")
+    sync = convert_to_sync_bn(enc)
     assert isinstance(sync.bn1, NaiveSyncBatchNorm) and isinstance(sync.fc[1], NaiveSyncBatchNorm1d)
+    # on every device: nn.SyncBatchNorm would wait for the host in every layer on CUDA
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules())
     assert sync.state_dict().keys() == enc.state_dict().keys()
     assert torch.equal(sync.bn1.running_mean, enc.bn1.running_mean)
     # single process: same output as plain BN, also for the [N, C] head input

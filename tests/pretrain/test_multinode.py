@@ -76,6 +76,7 @@ def _cfg(out: str, max_to_keep: int = 0) -> CfgNode:
         {
             "OUTPUT_DIR": out,
             "LOG_PERIOD": 1,
+            "MODEL": {"DEVICE": "cpu"},
             "SOLVER": {"MAX_TO_KEEP": max_to_keep, "IMS_PER_BATCH": 4, "CHECKPOINT_PERIOD": 1},
         }
     )
