@@ -18,7 +18,10 @@ A supervised loop on top of the pretraining engine's pieces (launch, checkpointi
   spaced val images, the same views as the pretraining's monitor and for every backbone
   (:func:`pretrain.health.instance_retrieval_top1`);
 * at the end every backbone tensor is compared with MODEL.WEIGHTS (MoCo's sanity check);
-  a difference raises :class:`BackboneChangedError`.
+  a difference raises :class:`BackboneChangedError`;
+* ``SOLVER.AMP`` / ``MODEL.CHANNELS_LAST`` (GPU settings, on in the R50 configs): the frozen
+  backbone runs under bf16 (or fp16) autocast in NHWC, in training and in the val / cached / kNN
+  feature passes; the fc, its gradients and the loss stay float32.
 
 ``CACHED_FEATURES True`` (``--cached-features``) extracts the features of the train and val
 splits once (center crops, i.e. *no augmentation*: **not the paper protocol**) and trains the same

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from detectron2.utils import comm
 
 from pretrain.config import PretrainCfgNode
@@ -25,6 +26,7 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
+from pretrain.lincls.model import amp_dtype
 from pretrain.lincls.weights import (
     build_linear_model,
     default_name,
@@ -44,9 +46,11 @@ def evaluate_weights(
     """``--eval-only``: top-1 / top-5 of a checkpoint that already has a linear classifier for the
     val split's classes (our linear-eval checkpoint, or a supervised torchvision ResNet), and the
     kNN top-1 (TEST.KNN: one eval-transform pass over both splits) and instance-retrieval top-1
-    (TEST.RETRIEVAL_SIZE) of its backbone as a training run reports them; writes
-    ``results.json`` (collective). ``seed`` is the SEED stored in a linear-eval checkpoint's meta
-    (the run that trained its fc), else None."""
+    (TEST.RETRIEVAL_SIZE) of its backbone as a training run reports them (SOLVER.AMP and
+    MODEL.CHANNELS_LAST as there); writes ``results.json`` (collective). ``seed`` is the SEED
+    stored in a linear-eval checkpoint's meta (the run that trained its fc), else None."""
+    device = get_device(cfg.MODEL.DEVICE)
+    dtype = amp_dtype(cfg, device)
     weights = load_pretrained(weights_path, cfg.MODEL.ARCH, unsafe)
     val_tf = eval_transform(cfg.INPUT.SIZE, cfg.INPUT.RESIZE or None)
     val = build_image_folder(cfg.DATASETS.ROOT, cfg.DATASETS.VAL_SPLIT, val_tf)
@@ -61,10 +65,14 @@ def evaluate_weights(
         )
     net = build_linear_model(cfg.MODEL.ARCH, num_classes, weights)
     net.fc.load_state_dict({"weight": weights.fc["fc.weight"], "bias": weights.fc["fc.bias"]})
-    device = get_device()
+    net.to(device)
+    if cfg.MODEL.CHANNELS_LAST:
+        net.to(memory_format=torch.channels_last)
     per_rank = per_rank_batch(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
-    acc = evaluate_images(net.to(device), val, device, per_rank, cfg.DATALOADER.NUM_WORKERS)
-    knn = frozen_knn_top1(net, cfg, val, num_classes, device, per_rank)
+    acc = evaluate_images(
+        net, val, device, per_rank, cfg.DATALOADER.NUM_WORKERS, dtype, cfg.MODEL.CHANNELS_LAST
+    )
+    knn = frozen_knn_top1(net, cfg, val, num_classes, device, per_rank, amp_dtype=dtype)
     retrieval = frozen_retrieval(net, cfg, device, per_rank)
     seed = weights.file_meta.get("seed") if weights.kind == "lincls" else None
     pretrain_meta = dict(weights.meta)

@@ -11,6 +11,7 @@ CUDNN_BENCHMARK).
 from __future__ import annotations
 
 from pretrain.config import (
+    AMP_PRECISIONS,
     ARCHS,
     PretrainCfgNode,
     add_datasets_config,
@@ -31,6 +32,11 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     cfg.MODEL.ARCH = "resnet50"
     # checkpoint to evaluate: ours (encoder_q.*), MoCo's (module.encoder_q.*), torchvision's
     cfg.MODEL.WEIGHTS = ""
+    # auto | cuda | cpu, as for pretraining (pretrain/config.py)
+    cfg.MODEL.DEVICE = "auto"
+    # NHWC memory format for the frozen backbone and its inputs (faster convolutions with AMP on
+    # recent GPUs; the R50 configs turn it on)
+    cfg.MODEL.CHANNELS_LAST = False
 
     cfg.INPUT = PretrainCfgNode()
     # crop size: RandomResizedCrop(SIZE) for train, CenterCrop(SIZE) for val
@@ -60,6 +66,13 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     # keep only the newest this many periodic checkpoints (0 = keep all)
     cfg.SOLVER.MAX_TO_KEEP = 2
+    cfg.SOLVER.AMP = PretrainCfgNode()
+    # mixed precision of the frozen backbone (training, val top-1/top-5, cached and kNN features):
+    # autocast on the GPU; the fc and the loss stay float32. With MODEL.DEVICE auto on a machine
+    # without a GPU it is refused with one sentence; MODEL.DEVICE cpu runs the CPU's autocast
+    cfg.SOLVER.AMP.ENABLED = False
+    # bfloat16 (no loss scaling needed) | float16 (with a GradScaler, saved in checkpoints)
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
 
     cfg.TEST = PretrainCfgNode()
     # also evaluate top-1/top-5 on VAL_SPLIT every this many epochs (0 = only at the end)
@@ -136,6 +149,10 @@ def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     )
     _need(0 < s.GAMMA <= 1, f"SOLVER.GAMMA must be in (0, 1], got {s.GAMMA}.")
     _need(s.CHECKPOINT_PERIOD_EPOCHS > 0, "SOLVER.CHECKPOINT_PERIOD_EPOCHS must be > 0.")
+    _need(
+        s.AMP.PRECISION in AMP_PRECISIONS,
+        f"SOLVER.AMP.PRECISION {s.AMP.PRECISION!r} is unknown; choose one of {AMP_PRECISIONS}.",
+    )
     _need(cfg.TEST.EVAL_PERIOD_EPOCHS >= 0, "TEST.EVAL_PERIOD_EPOCHS must be >= 0.")
     _need(cfg.TEST.IMS_PER_BATCH >= 1, "TEST.IMS_PER_BATCH must be >= 1.")
     _need(cfg.TEST.KNN_K >= 1, f"TEST.KNN_K must be >= 1, got {cfg.TEST.KNN_K}.")

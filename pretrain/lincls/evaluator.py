@@ -39,7 +39,7 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
-from pretrain.lincls.model import LinearClassifier
+from pretrain.lincls.model import LinearClassifier, amp_dtype, backbone_autocast
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -87,6 +87,11 @@ class LinearEvaluator(TrainingRun):
         features: CachedFeatures | None = None,
     ) -> None:
         super().__init__(cfg)
+        # SOLVER.AMP / MODEL.CHANNELS_LAST: the frozen backbone's autocast dtype (None: float32)
+        # and memory format, in training and in every evaluation pass but the retrieval, which
+        # stays float32 as the pretraining's monitor computes it; refused before any loading
+        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.channels_last = bool(cfg.MODEL.CHANNELS_LAST)
         self.cached = bool(cfg.CACHED_FEATURES)
         self.weights = weights or load_pretrained(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH, unsafe)
         self.name = default_name(cfg, self.weights)
@@ -95,6 +100,8 @@ class LinearEvaluator(TrainingRun):
         seed = cfg.SEED if cfg.SEED >= 0 else int(torch.randint(0, 2**31, ()).item())
         self.net = build_linear_model(cfg.MODEL.ARCH, self.num_classes, self.weights, seed)
         self.net.to(self.device)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         cuda = self.device.type == "cuda"
         self.test_per_rank = per_rank_batch(cfg.TEST.IMS_PER_BATCH, "TEST.IMS_PER_BATCH")
         workers = cfg.DATALOADER.NUM_WORKERS
@@ -131,6 +138,7 @@ class LinearEvaluator(TrainingRun):
             self.net,
             create_ddp_model(self.net.fc, broadcast_buffers=False),
             from_features=self.cached,
+            channels_last=self.channels_last,
         )
         params = [p for p in self.net.parameters() if p.requires_grad]
         assert len(params) == 2, "only fc.weight and fc.bias are trained"  # as MoCo's main_lincls
@@ -142,6 +150,7 @@ class LinearEvaluator(TrainingRun):
                 momentum=cfg.SOLVER.MOMENTUM,
                 weight_decay=cfg.SOLVER.WEIGHT_DECAY,
             ),
+            self.amp_dtype,
         )
         # lr x GAMMA at the first iteration of each drop epoch (MoCo adjusts per epoch)
         self.milestones = [int(round(e * ipe)) for e in cfg.SOLVER.LR_DROP_EPOCHS]
@@ -154,6 +163,7 @@ class LinearEvaluator(TrainingRun):
             meta_fn=self.meta,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            grad_scaler=self.grad_scaler,
             loader=self.loader,
             rng=RNGStates(),
         )
@@ -165,7 +175,8 @@ class LinearEvaluator(TrainingRun):
         logger.info(
             "Linear eval (%s) of %s [%s checkpoint %s]: %s, %d train / %d val images, %d classes, "
             "%d processes, global batch %d, %d iterations/epoch, %d iterations (%.2f epochs); "
-            "lr %.4g (as configured, not scaled with the batch size), x%g at iterations %s",
+            "lr %.4g (as configured, not scaled with the batch size), x%g at iterations %s; "
+            "backbone in %s%s, fc in float32",
             _PROTOCOL[self.cached],
             self.name,
             self.weights.kind,
@@ -182,6 +193,8 @@ class LinearEvaluator(TrainingRun):
             cfg.SOLVER.BASE_LR,
             cfg.SOLVER.GAMMA,
             self.milestones,
+            "float32" if self.amp_dtype is None else f"{cfg.SOLVER.AMP.PRECISION} autocast",
+            ", channels_last" if self.channels_last else "",
         )
 
     def _extract(self, workers: int) -> CachedFeatures:
@@ -190,9 +203,10 @@ class LinearEvaluator(TrainingRun):
             len(self.train_set),
             len(self.val_set),
         )
-        return extract_cached(
-            self.net, self.train_set, self.val_set, self.device, self.test_per_rank, workers
-        )
+        with backbone_autocast(self.device, self.amp_dtype):  # features come back float32
+            return extract_cached(
+                self.net, self.train_set, self.val_set, self.device, self.test_per_rank, workers
+            )
 
     def _epochs_to_iters(self, epochs: float) -> int:
         return max(int(round(epochs * self.iters_per_epoch)), 1) if epochs > 0 else 0
@@ -220,6 +234,8 @@ class LinearEvaluator(TrainingRun):
                 self.device,
                 self.test_per_rank,
                 self.cfg.DATALOADER.NUM_WORKERS,
+                self.amp_dtype,
+                self.channels_last,
             )
         self.last_eval = acc
         logger.info(
@@ -246,6 +262,7 @@ class LinearEvaluator(TrainingRun):
             self.device,
             self.test_per_rank,
             self.features,
+            self.amp_dtype,
         )
         return self.last_knn_top1
 

@@ -29,10 +29,12 @@ from pretrain.data import (
     count_bad_files,
     eval_transform,
 )
+from pretrain.features import extract_features
 from pretrain.health import split_retrieval
 from pretrain.io import UserError
-from pretrain.knn import contiguous_shard, feature_dtype, knn_hits, sharded_knn_predict
+from pretrain.knn import contiguous_shard, feature_dtype, sharded_knn_predict
 from pretrain.lincls.data import CachedFeatures
+from pretrain.lincls.model import backbone_autocast
 from pretrain.models import backbone_features
 
 __all__ = [
@@ -75,15 +77,24 @@ def evaluate_images(
     device: torch.device,
     batch_size_per_rank: int,
     num_workers: int,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (%) of ``net`` (backbone + fc, eval mode) on ``val_set`` (collective)."""
+    """Top-1 / top-5 (%) of ``net`` (backbone + fc, eval mode) on ``val_set`` (collective).
+
+    The backbone runs under autocast to ``amp_dtype`` (None: float32) with NHWC images when
+    ``channels_last``; the fc always gets float32 features, as in training."""
     loader = build_eval_loader(
         val_set, batch_size_per_rank, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     counts, total = [0, 0], 0
     with inference_context(net):
         for images, labels in loader:
-            logits = net.fc(backbone_features(net, images.to(device, non_blocking=True)))
+            images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            with backbone_autocast(device, amp_dtype):
+                features = backbone_features(net, images)
+            logits = net.fc(features.float())
             c = topk_correct(logits.float().cpu(), labels, (1, 5))
             counts = [a + b for a, b in zip(counts, c)]
             total += len(labels)
@@ -99,7 +110,7 @@ def evaluate_features(
     """Top-1 / top-5 (%) of ``fc`` on cached features (every rank holds all of them)."""
     counts = [0, 0]
     for start in range(0, len(labels), 4096):
-        logits = fc(features[start : start + 4096].to(device)).float().cpu()
+        logits = fc(features[start : start + 4096].to(device, torch.float32)).float().cpu()
         c = topk_correct(logits, labels[start : start + 4096], (1, 5))
         counts = [a + b for a, b in zip(counts, c)]
     return accuracy(counts, len(labels))
@@ -167,11 +178,13 @@ def frozen_knn_top1(
     device: torch.device,
     batch_size_per_rank: int,
     features: CachedFeatures | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> float | None:
     """TEST.KNN's top-1 (%) of ``net``'s frozen backbone with TEST.KNN_K / KNN_T, logged; None
     when TEST.KNN is False (collective). ``features``: eval-transform features of both splits
     already extracted (cached mode: :func:`knn_accuracy`); else one eval-transform extraction
-    pass over each split, every rank keeping only its shard (:func:`pretrain.knn.knn_hits`)."""
+    pass over each split, every rank keeping only its shard (:func:`_knn_hits`), the backbone
+    under autocast to ``amp_dtype`` (None: float32)."""
     if not cfg.TEST.KNN:
         return None
     k, t = cfg.TEST.KNN_K, cfg.TEST.KNN_T
@@ -186,9 +199,9 @@ def frozen_knn_top1(
             len(val_set),
         )
         workers = cfg.DATALOADER.NUM_WORKERS
-        hits, total = knn_hits(
-            net, train_set, val_set, device, batch_size=batch_size_per_rank,
-            num_workers=workers, k=k, t=t,
+        hits, total = _knn_hits(
+            net, train_set, val_set, num_classes, device, batch_size_per_rank, workers, k, t,
+            amp_dtype,
         )  # fmt: skip
         top1 = 100.0 * hits / total
         bad = count_bad_files(train_set)
@@ -204,6 +217,30 @@ def frozen_knn_top1(
         *sizes,
     )
     return top1
+
+
+def _knn_hits(
+    net: torchvision.models.ResNet,
+    train_set: Dataset,
+    val_set: Dataset,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    k: int,
+    t: float,
+    amp_dtype: torch.dtype | None,
+) -> tuple[int, int]:
+    """:func:`pretrain.knn.knn_hits` with the feature extraction (only) under autocast to
+    ``amp_dtype``: wrapping ``knn_hits`` whole would also autocast its similarity matmul, which
+    must stay in :func:`pretrain.knn.feature_dtype` (collective)."""
+    kw = dict(normalize=True, gather=False, cpu=False, dtype=feature_dtype(device))
+    with backbone_autocast(device, amp_dtype):
+        train_f, train_y = extract_features(net, train_set, device, batch_size, num_workers, **kw)
+        val_f, val_y = extract_features(net, val_set, device, batch_size, num_workers, **kw)
+    pred = sharded_knn_predict(train_f, train_y.to(device), val_f, num_classes, k, t)
+    counts = comm.all_gather((int((pred.cpu() == val_y).sum()), len(val_y)))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:

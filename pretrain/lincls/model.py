@@ -1,10 +1,12 @@
 """What the linear eval trains: :class:`LinearClassifier`, the frozen backbone (always in eval
-mode) + the fc, with the cross-entropy of a loader batch; detectron2's ``SimpleTrainer`` trains
-it as it is (:class:`pretrain.engine.TrainingRun`).
+mode) + the fc, with the cross-entropy of a loader batch; detectron2's ``SimpleTrainer`` (or
+``DeviceAMPTrainer`` with SOLVER.AMP) trains it as it is (:class:`pretrain.engine.TrainingRun`).
 
 Only the fc (``net.fc``) is trained and, with more than one process, wrapped in DDP; the backbone
 runs under ``torch.no_grad`` and in eval mode, so BatchNorm uses and keeps its running statistics
-(docs/methods.md, "Linear evaluation").
+(docs/methods.md, "Linear evaluation"). With SOLVER.AMP the backbone runs under the trainer's
+autocast (:func:`amp_dtype`; :func:`backbone_autocast` for the evaluation passes) and its
+features are cast to float32: the fc, its gradients and the loss are always float32.
 """
 from __future__ import annotations
 
@@ -13,9 +15,28 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pretrain.config import PretrainCfgNode
+from pretrain.engine import amp_dtype as resolve_amp_dtype
 from pretrain.models import backbone_features
 
-__all__ = ["LinearClassifier"]
+__all__ = ["LinearClassifier", "amp_dtype", "backbone_autocast"]
+
+
+def amp_dtype(cfg: PretrainCfgNode, device: torch.device) -> torch.dtype | None:
+    """SOLVER.AMP's autocast dtype for the frozen backbone on ``device``, None for float32.
+
+    As for pretraining, mixed precision is a GPU setting: on the CPU it runs only when
+    MODEL.DEVICE says cpu explicitly (the CPU's autocast; that is how the tests reach it); with
+    MODEL.DEVICE auto on a machine without a usable GPU it is one sentence, not a silent change
+    of numerics."""
+    amp = cfg.SOLVER.AMP
+    return resolve_amp_dtype(amp.ENABLED, amp.PRECISION, device, cfg.MODEL.DEVICE)
+
+
+def backbone_autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """The frozen backbone's precision outside the training step: autocast to ``dtype`` on
+    ``device``'s type, or autocast off (float32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 class LinearClassifier(nn.Module):
@@ -24,15 +45,24 @@ class LinearClassifier(nn.Module):
     ``inputs`` are images, or features when ``from_features`` (cached mode). The backbone is in
     eval mode whatever ``train()`` is called with: BN statistics are never updated (the classic
     linear-eval bug). ``head`` is ``net.fc``, wrapped in DDP with more than one process.
+    ``channels_last``: the images enter the backbone in NHWC (convert ``net`` too). Under an
+    autocast (the AMP trainer's) only the backbone is autocast: its features are cast to float32
+    and the head and the loss run with autocast off, so the logits and the fc's gradients are
+    float32.
     """
 
     def __init__(
-        self, net: torchvision.models.ResNet, head: nn.Module, from_features: bool
+        self,
+        net: torchvision.models.ResNet,
+        head: nn.Module,
+        from_features: bool,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
         self.head = head
         self.from_features = from_features
+        self.channels_last = channels_last
 
     def train(self, mode: bool = True) -> LinearClassifier:
         super().train(mode)
@@ -40,14 +70,19 @@ class LinearClassifier(nn.Module):
         return self
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """float32 features of ``inputs`` (the backbone under the caller's autocast, if any)."""
         if self.from_features:
-            return inputs
+            return inputs.float()
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            return backbone_features(self.net, inputs)
+            return backbone_features(self.net, inputs).float()
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch`` = ``(inputs, labels)`` from the loader, moved to the fc's device here."""
         device = self.net.fc.weight.device
         inputs, labels = (t.to(device, non_blocking=True) for t in batch)
-        logits = self.head(self.features(inputs))
-        return {"loss_cls": F.cross_entropy(logits, labels)}
+        features = self.features(inputs)
+        with torch.autocast(device.type, enabled=False):
+            logits = self.head(features)
+            return {"loss_cls": F.cross_entropy(logits, labels)}

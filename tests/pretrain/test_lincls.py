@@ -599,7 +599,7 @@ def test_cli_two_processes_match_one(shapes, oracle, tmp_path):
         "--config-file", "configs/lincls/shapes_cpu.yaml", "--cached-features",
         "MODEL.WEIGHTS", oracle[0], "DATASETS.ROOT", shapes, "INPUT.SIZE", str(SIZE),
         "SOLVER.IMS_PER_BATCH", "10", "SOLVER.MAX_ITER", "20", "TEST.IMS_PER_BATCH", "50",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.03",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.03", "MODEL.DEVICE", "cpu",
     ]  # fmt: skip
     one = _cli(*common, "OUTPUT_DIR", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
