@@ -22,7 +22,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 
 import logging  # noqa: E402
 
-from transfer.config import load_config, resolve_device_and_norm  # noqa: E402  (first: quiets d2)
+from transfer.config import launch_device, load_config, resolve_device_and_norm  # noqa: E402  (first: quiets d2)
 from transfer.datasets import check_datasets, register_datasets  # noqa: E402
 from transfer.trainer import (  # noqa: E402
     SafeDetectionCheckpointer,
@@ -105,7 +105,10 @@ def cli(argv=None):
     )
     args = parser.parse_args(argv)
     logging.getLogger("detectron2").info("Command Line Args: %s", args)
-    launch_from_args(run, args, args)
+    # read here for the launcher (CPU jobs run gloo processes that do not see the GPUs); each
+    # process loads it again in setup()
+    device = launch_device(load_config(args.config_file, args.opts))
+    launch_from_args(run, args, args, device=device)
 
 
 if __name__ == "__main__":

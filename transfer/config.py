@@ -6,7 +6,9 @@ import logging
 import torch
 from detectron2.config import CfgNode, get_cfg
 
-from pretrain.config import merge_config
+from pretrain.config import AMP_PRECISIONS, merge_config
+from pretrain.engine.launch import amp_dtype, no_cuda_reason, resolve_device
+from pretrain.io import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,13 @@ def add_transfer_config(cfg: CfgNode) -> None:
     # Evaluate with detectron2's C++ COCO evaluation when its compiled ops load, else with pure
     # pycocotools. The numbers are the same; only the speed differs.
     cfg.TEST.COCO_FAST_EVAL = True
+    # The autocast dtype of SOLVER.AMP.ENABLED (detectron2 has the switch only and always uses
+    # float16): bfloat16 (float32's range, no loss scaling) or float16 (with a GradScaler).
+    # Training only; evaluation stays float32 (transfer.trainer.Trainer).
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    # TensorFloat-32 for float32 matmuls and convolutions on Ampere and newer GPUs, as for
+    # pretraining (pretrain/config.py); False = full float32
+    cfg.TF32 = True
 
 
 def get_transfer_cfg() -> CfgNode:
@@ -32,11 +41,24 @@ def get_transfer_cfg() -> CfgNode:
 def load_config(config_file: str, opts: list[str]) -> CfgNode:
     """Defaults <- ``config_file`` (with its ``_BASE_`` chain) <- ``KEY VALUE`` overrides.
 
-    Unknown keys, type mismatches and missing files become one-sentence :class:`UserError`s.
+    Unknown keys, type mismatches, missing files and an unknown ``SOLVER.AMP.PRECISION`` become
+    one-sentence :class:`UserError`s.
     """
-    return merge_config(
+    cfg = merge_config(
         get_transfer_cfg(), config_file, opts, "detectron2's defaults (or transfer/config.py)"
     )
+    check_amp_precision(cfg)
+    return cfg
+
+
+def check_amp_precision(cfg: CfgNode) -> None:
+    """``SOLVER.AMP.PRECISION`` is one of :data:`pretrain.config.AMP_PRECISIONS`, else one
+    sentence."""
+    if cfg.SOLVER.AMP.PRECISION not in AMP_PRECISIONS:
+        raise UserError(
+            f"SOLVER.AMP.PRECISION {cfg.SOLVER.AMP.PRECISION!r} is unknown; choose one of "
+            f"{AMP_PRECISIONS}."
+        )
 
 
 def _sync_bn_keys(node: CfgNode, prefix: str = "") -> list[str]:
@@ -50,19 +72,35 @@ def _sync_bn_keys(node: CfgNode, prefix: str = "") -> list[str]:
     return keys
 
 
-def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
-    """Make a GPU config run anywhere, saying what changed.
+def launch_device(cfg: CfgNode) -> str:
+    """MODEL.DEVICE as :func:`pretrain.engine.launch_from_args` takes it: auto | cuda | cpu
+    (``cuda:N`` is cuda: each process uses its local rank's GPU)."""
+    device = cfg.MODEL.DEVICE
+    return "cuda" if device.startswith("cuda") else device
 
-    * ``MODEL.DEVICE cuda`` without CUDA -> ``cpu``.
+
+def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
+    """Make a config run on this process's device, saying what changed.
+
+    * ``MODEL.DEVICE auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; ``cuda`` without a
+      usable GPU is one sentence (:func:`pretrain.engine.resolve_device`), never a silent CPU run.
+    * ``SOLVER.AMP.ENABLED`` as in pretraining: with ``MODEL.DEVICE cpu`` it is the CPU's autocast
+      (:class:`pretrain.engine.DeviceAMPTrainer`); with ``auto`` that found no GPU it is one
+      sentence (a GPU feature was asked for and no GPU is there).
     * ``SyncBN`` (``nn.SyncBatchNorm``) on a single process is plain BatchNorm over the local batch.
     * ``SyncBN`` on several CPU processes -> ``naiveSyncBN`` (detectron2's ``NaiveSyncBatchNorm``:
       the same batch statistics over all processes, by an all-reduce that gloo runs on CPU;
       ``nn.SyncBatchNorm`` only accepts GPU tensors). The module has the same parameters and
       buffers, so checkpoints load under either.
     """
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: MODEL.DEVICE cuda -> cpu")
+    if resolve_device(launch_device(cfg)) == "cpu":
+        amp = cfg.SOLVER.AMP
+        amp_dtype(amp.ENABLED, amp.PRECISION, torch.device("cpu"), cfg.MODEL.DEVICE)
+        if cfg.MODEL.DEVICE == "auto":
+            logger.info("No usable CUDA GPU (%s): MODEL.DEVICE auto -> cpu", no_cuda_reason())
         cfg.MODEL.DEVICE = "cpu"
+    elif cfg.MODEL.DEVICE == "auto":
+        cfg.MODEL.DEVICE = "cuda"
     keys = _sync_bn_keys(cfg.MODEL, "MODEL.")
     if world_size > 1 and cfg.MODEL.DEVICE == "cpu" and keys:
         for key in keys:

@@ -20,7 +20,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
-from pretrain.engine import AtomicCheckpointer, RunMixin, create_ddp_model
+from pretrain.engine import AtomicCheckpointer, DeviceAMPTrainer, RunMixin, create_ddp_model
 from pretrain.engine import write_results as write_results_json
 from pretrain.io import UserError, load_checkpoint, load_weights_pickle
 
@@ -217,16 +217,63 @@ def _ddp_on_cpu_too() -> Iterator[None]:
         d2_defaults.create_ddp_model = original
 
 
+def build_amp_trainer(
+    cfg: CfgNode,
+    model: torch.nn.Module,
+    data_loader: Any,
+    optimizer: torch.optim.Optimizer,
+    **kwargs: Any,
+) -> DeviceAMPTrainer:
+    """The trainer of ``SOLVER.AMP.ENABLED``: :class:`pretrain.engine.DeviceAMPTrainer`, autocast
+    to ``SOLVER.AMP.PRECISION`` on the device of ``model``'s parameters (the CPU included), with a
+    ``GradScaler`` that is enabled for float16 only (bfloat16 has float32's range). ``kwargs`` are
+    what ``DefaultTrainer`` passes to detectron2's ``AMPTrainer``; the scaler's state is in
+    ``AMPTrainer.state_dict``, so checkpoints hold it and resume restores it."""
+    precision = getattr(torch, cfg.SOLVER.AMP.PRECISION)
+    device_type = next(model.parameters()).device.type
+    return DeviceAMPTrainer(
+        model,
+        data_loader,
+        optimizer,
+        grad_scaler=torch.amp.GradScaler(device_type, enabled=precision == torch.float16),
+        precision=precision,
+        device_type=device_type,
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def _device_amp_trainer(cfg: CfgNode) -> Iterator[None]:
+    """While ``DefaultTrainer.__init__`` runs: the ``AMPTrainer`` it builds for
+    SOLVER.AMP.ENABLED is :func:`build_amp_trainer`'s. detectron2's own asserts CUDA, autocasts
+    with the deprecated ``torch.cuda.amp.autocast``, always in float16, and builds a
+    ``torch.cuda.amp.GradScaler`` (deprecation and "CUDA is not available" warnings on the CPU);
+    ``DefaultTrainer`` builds it inline with no hook to choose it, so, as for
+    :func:`_ddp_on_cpu_too`, the name in ``detectron2.engine.defaults`` is swapped for the call
+    (one trainer is built, before the checkpointer and hooks that refer to it)."""
+    original = d2_defaults.AMPTrainer
+    d2_defaults.AMPTrainer = lambda *args, **kwargs: build_amp_trainer(cfg, *args, **kwargs)
+    try:
+        yield
+    finally:
+        d2_defaults.AMPTrainer = original
+
+
 class Trainer(RunMixin, DefaultTrainer):
     """detectron2's ``DefaultTrainer`` (its build_* methods, hooks, ``train`` and ``test``) with
-    COCO evaluation, safe/atomic checkpoints, several CPU processes (gloo) and, from
-    :class:`pretrain.engine.RunMixin` as in the pretraining and linear-eval runs, a resume decided
-    by the main process and ``results.json``."""
+    COCO evaluation, safe/atomic checkpoints, several CPU processes (gloo), mixed precision on
+    any device (:func:`build_amp_trainer`) and, from :class:`pretrain.engine.RunMixin` as in the
+    pretraining and linear-eval runs, a resume decided by the main process and ``results.json``.
+
+    ``SOLVER.AMP.ENABLED`` applies to the training steps only: evaluation (``test``, the
+    ``EvalHook``, ``--eval-only``) and PreciseBN run detectron2's inference as it is, without
+    autocast, so in float32.
+    """
 
     unsafe_weights = False  # set from the CLI's --unsafe
 
     def __init__(self, cfg: CfgNode) -> None:
-        with _ddp_on_cpu_too():
+        with _ddp_on_cpu_too(), _device_amp_trainer(cfg):
             super().__init__(cfg)
 
     def build_hooks(self) -> list[hooks.HookBase | None]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
+from pretrain.io import UserError
 from transfer.config import load_config, resolve_device_and_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,7 +100,6 @@ def test_fpn_simo_1x_is_the_paper_schedule():
 def test_overrides_and_bad_keys():
     path = os.path.join(ROOT, "configs", "shapes_fpn_cpu.yaml")
     assert load_config(path, ["SOLVER.MAX_ITER", "7"]).SOLVER.MAX_ITER == 7
-    from pretrain.io import UserError
 
     with pytest.raises(UserError, match="unknown config key SOLVER.MAX_ITERS"):
         load_config(path, ["SOLVER.MAX_ITERS", "7"])
@@ -111,11 +111,21 @@ def test_overrides_and_bad_keys():
 
 def test_device_and_syncbn_resolution():
     path = os.path.join(ROOT, "configs", "fpn_simo_1x.yaml")
-    one = load_config(path, [])
+    one = load_config(path, ["MODEL.DEVICE", "auto", "SOLVER.AMP.ENABLED", "False"])
     resolve_device_and_norm(one, world_size=1)
     assert one.MODEL.RESNETS.NORM == "SyncBN"  # nn.SyncBatchNorm is plain BN on one process
+    assert one.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        assert one.MODEL.DEVICE == "cpu"
+        # the paper's config says cuda: without a GPU that is a sentence, not a silent CPU run
+        with pytest.raises(UserError, match="MODEL.DEVICE cuda needs a usable CUDA GPU"):
+            resolve_device_and_norm(load_config(path, []), world_size=1)
+        # AMP (the paper configs' GPU default): the CPU's autocast when MODEL.DEVICE cpu asks for
+        # the CPU, a sentence when auto looked for a GPU and found none
+        amp = load_config(path, ["MODEL.DEVICE", "cpu"])
+        resolve_device_and_norm(amp, world_size=1)
+        assert amp.MODEL.DEVICE == "cpu" and amp.SOLVER.AMP.ENABLED
+        with pytest.raises(UserError, match="SOLVER.AMP.ENABLED asks for mixed precision on a GPU"):
+            resolve_device_and_norm(load_config(path, ["MODEL.DEVICE", "auto"]), world_size=1)
     # several CPU processes: nn.SyncBatchNorm refuses CPU tensors, detectron2's
     # NaiveSyncBatchNorm all-reduces the statistics with gloo
     two = load_config(path, ["MODEL.DEVICE", "cpu", "MODEL.ROI_MASK_HEAD.NORM", "SyncBN"])

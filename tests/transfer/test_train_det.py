@@ -26,6 +26,7 @@ FAST = [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0",
     "TEST.PRECISE_BN.NUM_ITER", "2", "SOLVER.WARMUP_ITERS", "2", "SEED", "1",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # so an untrained model still predicts boxes
+    "MODEL.DEVICE", "cpu",  # the CPU's numbers, and gloo for --num-gpus 2, also on a GPU machine
 ]  # fmt: skip
 
 
