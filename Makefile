@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= output/demo
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast test-gpu bench lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: install
 
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+# On a GPU machine: the CUDA tests (`make test` hides the GPUs: the CPU's suite on any machine),
+# then bench/gpu_check.py, one JSON line per check (docs/gpus.md)
+test-gpu: install
+	TEST_CUDA=1 $(PY) -m pytest tests -q -m gpu
+	$(PY) bench/gpu_check.py
 
 demo: install
 	bash tools/demo.sh $(DEMO_DIR)

@@ -2,10 +2,17 @@
 import os
 import sys
 
-import pytest
-import torch
+# `make test` is the CPU's suite on any machine, with 0, 1 or more GPUs: its numbers, exact resumes
+# and gloo processes are the CPU's, and no test can land on a GPU another job holds. Set before
+# anything initialises CUDA (torch reads it then). TEST_CUDA=1 (`make test-gpu`) lets the CUDA
+# tests (marked gpu) see the GPUs.
+if os.environ.get("TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-import pretrain  # noqa: F401  (before tools/ goes on the path, below)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import pretrain  # noqa: F401, E402  (before tools/ goes on the path, below)
 
 # The experiment code of tools/sweep.py and tools/mi_toy.py (tools/experiments/, not installed)
 # is imported as those tools import it, `from experiments.X import ...`: tools/ is last on the
