@@ -30,9 +30,10 @@ from pretrain.data import (
 from pretrain.engine import (
     AtomicCheckpointer,
     RNGStates,
+    ScalerState,
     TrainingRun,
-    build_lr_multiplier,
     amp_dtype,
+    build_lr_multiplier,
     create_ddp_model,
     warmup_iterations,
 )
@@ -138,7 +139,7 @@ class Pretrainer(TrainingRun):
             meta_fn=self.meta,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            grad_scaler=self.grad_scaler,
+            grad_scaler=ScalerState(self.grad_scaler),
             loader=self.loader,
             rng=RNGStates({"model": self.model.generator}),
         )

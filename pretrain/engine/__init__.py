@@ -28,7 +28,7 @@ from pretrain.engine.launch import (
 )
 from pretrain.engine.run import RunMixin, create_ddp_model, prepare_output_dir, write_results
 from pretrain.engine.schedule import build_lr_multiplier, warmup_iterations
-from pretrain.engine.train_loop import DeviceAMPTrainer, TrainingRun, build_trainer
+from pretrain.engine.train_loop import DeviceAMPTrainer, ScalerState, TrainingRun, build_trainer
 
 __all__ = [
     "launch_from_args",
@@ -49,6 +49,7 @@ __all__ = [
     "warmup_iterations",
     "build_trainer",
     "DeviceAMPTrainer",
+    "ScalerState",
     "RunMixin",
     "TrainingRun",
     "create_ddp_model",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
@@ -19,9 +19,39 @@ from pretrain.engine.launch import get_device
 from pretrain.engine.run import RunMixin, prepare_output_dir
 from pretrain.io import UserError
 
-__all__ = ["build_trainer", "DeviceAMPTrainer", "TrainingRun"]
+__all__ = ["build_trainer", "DeviceAMPTrainer", "ScalerState", "TrainingRun"]
 
 logger = logging.getLogger(__name__)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: Dict[str, Any]) -> None:
+    """Restore ``scaler`` from a checkpoint, also when SOLVER.AMP changed between the save and the
+    resume (e.g. float16 -> bfloat16 after float16 overflowed, as the divergence message
+    suggests): a disabled scaler saves ``{}``, and torch refuses to load ``{}`` into an enabled
+    one; here the scale then starts afresh, or the saved one is left unused, and the log says so."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        logger.info(
+            "The checkpoint was trained without float16 loss scaling: the GradScaler starts at its "
+            "initial scale."
+        )
+    elif state:
+        logger.info("The checkpoint's float16 loss scale is unused: this run has no loss scaling.")
+
+
+class ScalerState:
+    """A GradScaler as a checkpointable whose load survives a change of SOLVER.AMP
+    (:func:`load_scaler_state`)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        load_scaler_state(self.scaler, state)
 
 
 class DeviceAMPTrainer(AMPTrainer):
@@ -54,6 +84,12 @@ class DeviceAMPTrainer(AMPTrainer):
         self._write_metrics(loss_dict, data_time)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """detectron2's, restoring the scaler with :func:`load_scaler_state` (a checkpoint of a
+        float32 or bfloat16 run has no, or an empty, scaler state)."""
+        SimpleTrainer.load_state_dict(self, state_dict)
+        load_scaler_state(self.grad_scaler, state_dict.get("grad_scaler", {}))
 
 
 def build_trainer(

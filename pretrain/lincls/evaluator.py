@@ -22,7 +22,13 @@ from torch.utils.data import Dataset
 
 from pretrain.config import PretrainCfgNode
 from pretrain.data import build_train_loader, count_bad_files
-from pretrain.engine import AtomicCheckpointer, RNGStates, TrainingRun, create_ddp_model
+from pretrain.engine import (
+    AtomicCheckpointer,
+    RNGStates,
+    ScalerState,
+    TrainingRun,
+    create_ddp_model,
+)
 from pretrain.io import UserError
 from pretrain.lincls.data import (
     CachedFeatures,
@@ -163,7 +169,7 @@ class LinearEvaluator(TrainingRun):
             meta_fn=self.meta,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            grad_scaler=self.grad_scaler,
+            grad_scaler=ScalerState(self.grad_scaler),
             loader=self.loader,
             rng=RNGStates(),
         )

@@ -479,3 +479,42 @@ def test_every_stage_has_the_tf32_key():
     from transfer.config import get_transfer_cfg
 
     assert get_lincls_cfg().TF32 is True and get_transfer_cfg().TF32 is True
+
+
+def test_resume_after_switching_amp_precision(shapes, tmp_path, tiny_pretrain_cfg):
+    """The divergence message says: with float16, try bfloat16 and restart with --resume. A
+    checkpoint's scaler state must load whatever SOLVER.AMP the resumed run has (before: torch
+    refused the empty state of a disabled scaler, or the saved one, with a traceback)."""
+    out = tmp_path / "switch"
+    common = {"MODEL.DEVICE": "cpu", "SOLVER.CHECKPOINT_PERIOD": 2, "TEST.RETRIEVAL_SIZE": 0}
+    _run(tiny_pretrain_cfg(shapes, out, **common, **{"SOLVER.MAX_ITER": 2}))  # float32
+    fp16 = {"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "float16"}
+    cfg = tiny_pretrain_cfg(shapes, out, **common, **fp16, **{"SOLVER.MAX_ITER": 3})
+    seed_all_rng(cfg.SEED)
+    trainer = Pretrainer(cfg).resume_or_load(resume=True)
+    assert trainer.start_iter == 2 and trainer.grad_scaler.get_scale() == 2.0**16
+    trainer.train()
+    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["grad_scaler"]
+    assert saved["scale"] > 0  # a float16 scaler's state now
+    # and back: float16 checkpoint -> bfloat16 (no scaler) resumes too
+    bf16 = {"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "bfloat16"}
+    cfg = tiny_pretrain_cfg(shapes, out, **common, **bf16, **{"SOLVER.MAX_ITER": 4})
+    trainer = Pretrainer(cfg).resume_or_load(resume=True)
+    assert trainer.start_iter == 3 and not trainer.grad_scaler.is_enabled()
+
+
+def test_detection_trainer_state_loads_across_amp_modes():
+    from pretrain.engine import build_trainer
+
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    amp = build_trainer(model, iter([]), opt, amp_dtype=torch.float16, grad_scaler=scaler,
+                        device_type="cpu")  # fmt: skip
+    amp.load_state_dict({"iteration": 5, "optimizer": opt.state_dict()})  # a float32 run's
+    assert scaler.get_scale() == 8.0
+    bf16 = torch.amp.GradScaler("cpu", enabled=False)
+    amp_bf16 = build_trainer(model, iter([]), opt, amp_dtype=torch.bfloat16, grad_scaler=bf16,
+                             device_type="cpu")  # fmt: skip
+    amp_bf16.load_state_dict(amp.state_dict())  # a float16 run's state into bfloat16
+    assert not bf16.is_enabled()
