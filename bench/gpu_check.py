@@ -90,6 +90,7 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 from bench.common import ROOT, append_result, versions  # noqa: E402
 from pretrain.config import get_pretrain_cfg, load_pretrain_cfg, validate_pretrain_cfg  # noqa: E402
 from pretrain.engine import create_ddp_model, launch_from_args, no_cuda_reason  # noqa: E402
+from pretrain.engine.launch import environment  # noqa: E402
 from pretrain.lincls import get_lincls_cfg, run_linear_eval  # noqa: E402
 from pretrain.methods import ContrastiveMethod, build_method  # noqa: E402
 from pretrain.pretrainer import Pretrainer  # noqa: E402
@@ -524,19 +525,6 @@ def check_throughput(ctx: Context) -> Dict[str, Any]:
 # 4. detection step
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def check_det(ctx: Context) -> Dict[str, Any]:
     from transfer.config import load_config, resolve_device_and_norm
     from transfer.datasets import register_datasets
@@ -568,7 +556,7 @@ def check_det(ctx: Context) -> Dict[str, Any]:
         sides = cfg.INPUT.MIN_SIZE_TRAIN
         cfg.INPUT.MIN_SIZE_TRAIN = tuple(round(m * (4 / 3) ** 0.5) for m in sides)
     resolve_device_and_norm(cfg, 1)
-    with _environ("DETECTRON2_DATASETS", data), cudnn_benchmark(False):
+    with environment(DETECTRON2_DATASETS=data), cudnn_benchmark(False):
         register_datasets(cfg)
         cfg.freeze()
         if ctx.device.type == "cuda":

@@ -48,6 +48,8 @@ NORMS = ("SyncBN", "BN")
 AMP_PRECISIONS = ("bfloat16", "float16")
 # MODEL.DEVICE values (pretrain.engine.resolve_device)
 DEVICES = ("auto", "cuda", "cpu")
+# INPUT.DEVICE_AUGMENT values (pretrain.data.use_device_augment)
+DEVICE_AUGMENT_CHOICES = ("auto", "on", "off")
 # EqCo rule 2: the learning rate is SOLVER.BASE_LR at this many queries per batch, linear in N.
 REFERENCE_BATCH = 256
 
@@ -440,7 +442,7 @@ def validate_pretrain_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> Non
         "INPUT.MIN_SCALE and INPUT.MAX_SCALE must satisfy 0 < MIN_SCALE <= MAX_SCALE <= 1.",
     )
     _need(
-        cfg.INPUT.DEVICE_AUGMENT in ("auto", "on", "off"),
+        cfg.INPUT.DEVICE_AUGMENT in DEVICE_AUGMENT_CHOICES,
         f"INPUT.DEVICE_AUGMENT {cfg.INPUT.DEVICE_AUGMENT!r} is unknown; choose auto, on or off.",
     )
     _need(cfg.TEST.KNN_PERIOD >= 0 and cfg.TEST.KNN_K > 0, "TEST.KNN_PERIOD / KNN_K are invalid.")

@@ -18,11 +18,13 @@ from detectron2.utils import comm
 from torch import nn
 from torch.utils.data import Dataset
 
+from pretrain.engine import autocast_to
 from pretrain.features import extract_features
 
 __all__ = [
     "contiguous_shard",
     "feature_dtype",
+    "hit_counts",
     "knn_hits",
     "knn_predict",
     "knn_top1",
@@ -191,6 +193,7 @@ def knn_hits(
     num_workers: int = 0,
     k: int = 200,
     t: float = 0.1,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[int, int]:
     """``(correctly classified, total)`` val images of the weighted kNN of ``val_set`` against
     ``train_set`` (both with eval transforms), on the L2-normalised backbone features of
@@ -198,17 +201,27 @@ def knn_hits(
 
     Collective: each process extracts its contiguous shard of each split and keeps it on
     ``device`` in :func:`feature_dtype`; :func:`sharded_knn_predict` classifies its val rows
-    against all train shards; the counts are summed. The encoder is put in eval mode (BN running
-    statistics) and restored afterwards.
+    against all train shards; :func:`hit_counts` sums the counts. The encoder is put in eval mode
+    (BN running statistics) and restored afterwards. ``amp_dtype``: the encoder runs under
+    autocast to it (None: float32); the similarities stay in :func:`feature_dtype`.
     """
     kw = dict(normalize=True, gather=False, cpu=False, dtype=feature_dtype(device))
-    train_f, train_y = extract_features(encoder, train_set, device, batch_size, num_workers, **kw)
-    val_f, val_y = extract_features(encoder, val_set, device, batch_size, num_workers, **kw)
+    with autocast_to(device, amp_dtype):
+        train_f, train_y = extract_features(
+            encoder, train_set, device, batch_size, num_workers, **kw
+        )
+        val_f, val_y = extract_features(encoder, val_set, device, batch_size, num_workers, **kw)
     num_classes = len(getattr(train_set, "classes", []))
     if not num_classes:  # no class list: the largest label of any shard + 1
         num_classes = max(comm.all_gather(int(train_y.max()) if len(train_y) else -1)) + 1
     pred = sharded_knn_predict(train_f, train_y.to(device), val_f, num_classes, k, t)
-    counts = comm.all_gather((int((pred.cpu() == val_y).sum()), len(val_y)))
+    return hit_counts(pred, val_y)
+
+
+def hit_counts(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """``(correct, total)`` of this process's predictions ``pred`` of ``labels``, summed over all
+    processes (collective)."""
+    counts = comm.all_gather((int((pred.cpu() == labels).sum()), len(labels)))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 

@@ -92,7 +92,7 @@ class Pretrainer(TrainingRun):
         else:
             self.max_iter = max(int(round(cfg.SOLVER.EPOCHS * self.iters_per_epoch)), 1)
         self.model: ContrastiveMethod = build_method(cfg, self.device)
-        per_query = getattr(self.model, "shared_negatives", True) is False
+        per_query = cfg.MODEL.METHOD == "simo" and not cfg.LOSS.SHARED_NEGATIVES
         if per_query and cfg.SOLVER.IMS_PER_BATCH > 1024:
             # measured on one core: 0.4 ms at N = 256, 11 ms at 1024, 290 ms at 4096 (docs/gpus.md)
             logger.warning(
@@ -118,12 +118,7 @@ class Pretrainer(TrainingRun):
             momentum=cfg.SOLVER.MOMENTUM,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-        amp = cfg.SOLVER.AMP
-        self.build_trainer(
-            train_model,
-            optimizer,
-            amp_dtype(amp.ENABLED, amp.PRECISION, self.device, cfg.MODEL.DEVICE),
-        )
+        self.build_trainer(train_model, optimizer, amp_dtype(cfg, self.device))
         warmup_iters = warmup_iterations(cfg, self.iters_per_epoch)
         self.scheduler = LRMultiplier(
             self.optimizer,

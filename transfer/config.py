@@ -94,8 +94,7 @@ def resolve_device_and_norm(cfg: CfgNode, world_size: int) -> None:
       buffers, so checkpoints load under either.
     """
     if resolve_device(launch_device(cfg)) == "cpu":
-        amp = cfg.SOLVER.AMP
-        amp_dtype(amp.ENABLED, amp.PRECISION, torch.device("cpu"), cfg.MODEL.DEVICE)
+        amp_dtype(cfg, torch.device("cpu"))  # AMP with auto on the CPU: one sentence
         if cfg.MODEL.DEVICE == "auto":
             logger.info("No usable CUDA GPU (%s): MODEL.DEVICE auto -> cpu", no_cuda_reason())
         cfg.MODEL.DEVICE = "cpu"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pretrain.config import DEVICE_AUGMENT_CHOICES
 from pretrain.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.transforms import (
     MoCoV2Augment,
@@ -44,7 +45,6 @@ __all__ = [
     "use_device_augment",
 ]
 
-DEVICE_AUGMENT_CHOICES = ("auto", "on", "off")
 
 # The parameter vector of a view (float64: the drawn numbers exactly). ``order*`` are the
 # positions of ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue); a view without

@@ -18,6 +18,7 @@ from pretrain.engine.checkpoint import AtomicCheckpointer, RNGStates
 from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
 from pretrain.engine.launch import (
     amp_dtype,
+    autocast_to,
     check_shared_output_dir,
     finish_distributed,
     get_device,
@@ -37,6 +38,7 @@ __all__ = [
     "resolve_device",
     "no_cuda_reason",
     "amp_dtype",
+    "autocast_to",
     "setup_run",
     "check_shared_output_dir",
     "AtomicCheckpointer",

@@ -29,8 +29,10 @@ __all__ = [
     "get_device",
     "resolve_device",
     "amp_dtype",
+    "autocast_to",
     "local_rank_and_size",
     "init_from_environment",
+    "environment",
     "setup_run",
     "set_tf32",
     "check_shared_output_dir",
@@ -60,7 +62,7 @@ def launch_from_args(
     try:
         # the spawned workers inherit the environment: without visible GPUs detectron2's
         # worker picks gloo and does not assert --num-gpus <= the GPU count
-        with _environment(CUDA_VISIBLE_DEVICES="" if hide_gpus else None):
+        with environment(CUDA_VISIBLE_DEVICES="" if hide_gpus else None):
             launch(
                 _run_worker,
                 args.num_gpus,
@@ -76,7 +78,7 @@ def launch_from_args(
 
 
 @contextlib.contextmanager
-def _environment(**values: Optional[str]) -> Iterator[None]:
+def environment(**values: Optional[str]) -> Iterator[None]:
     """Set the environment variables of ``values`` that are not None, restore them after."""
     saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
     try:
@@ -244,23 +246,27 @@ def resolve_device(name: str, key: str = "MODEL.DEVICE") -> str:
     )
 
 
-def amp_dtype(
-    enabled: bool, precision: str, device: torch.device, device_key: str
-) -> Optional[torch.dtype]:
-    """The autocast dtype of ``SOLVER.AMP`` (``enabled``, ``precision``) for a run on ``device``
-    whose MODEL.DEVICE is ``device_key``, None for float32. Mixed precision is a GPU setting: on
-    the CPU it runs only when MODEL.DEVICE says cpu explicitly (the CPU's autocast, how the tests
-    reach it); ``auto`` that found no usable GPU is one sentence, not a silent change of numerics
-    (every stage: pretraining, lincls, detection)."""
-    if not enabled:
+def amp_dtype(cfg: Any, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``cfg.SOLVER.AMP`` (ENABLED, PRECISION) for a run on ``device``,
+    None for float32; every stage's config has these keys and MODEL.DEVICE. Mixed precision is a
+    GPU setting: on the CPU it runs only when MODEL.DEVICE says cpu explicitly (the CPU's
+    autocast, how the tests reach it); ``auto`` that found no usable GPU is one sentence, not a
+    silent change of numerics (pretraining, lincls, detection)."""
+    if not cfg.SOLVER.AMP.ENABLED:
         return None
-    if device.type != "cuda" and device_key != "cpu":
+    if device.type != "cuda" and cfg.MODEL.DEVICE != "cpu":
         raise UserError(
             f"SOLVER.AMP.ENABLED asks for mixed precision on a GPU, but {no_cuda_reason()}; set "
             "SOLVER.AMP.ENABLED False to run in float32 on the CPU (or MODEL.DEVICE cpu for the "
             "CPU's autocast)."
         )
-    return getattr(torch, precision)
+    return getattr(torch, cfg.SOLVER.AMP.PRECISION)
+
+
+def autocast_to(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """Autocast to ``dtype`` (:func:`amp_dtype`) on ``device``'s type, or autocast off (float32)
+    when ``dtype`` is None: a frozen backbone's precision outside the training step."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def get_device(name: str = "auto") -> torch.device:

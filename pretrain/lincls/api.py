@@ -14,7 +14,7 @@ from detectron2.utils import comm
 
 from pretrain.config import PretrainCfgNode
 from pretrain.data import build_image_folder, eval_transform
-from pretrain.engine import get_device, write_results
+from pretrain.engine import amp_dtype, get_device, write_results
 from pretrain.io import UserError
 from pretrain.lincls.config import validate_lincls_cfg
 from pretrain.lincls.data import CachedFeatures, per_rank_batch
@@ -26,7 +26,6 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
-from pretrain.lincls.model import amp_dtype
 from pretrain.lincls.weights import (
     build_linear_model,
     default_name,

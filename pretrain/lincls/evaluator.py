@@ -27,6 +27,8 @@ from pretrain.engine import (
     RNGStates,
     ScalerState,
     TrainingRun,
+    amp_dtype,
+    autocast_to,
     create_ddp_model,
 )
 from pretrain.io import UserError
@@ -45,7 +47,7 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
-from pretrain.lincls.model import LinearClassifier, amp_dtype, backbone_autocast
+from pretrain.lincls.model import LinearClassifier
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -209,7 +211,7 @@ class LinearEvaluator(TrainingRun):
             len(self.train_set),
             len(self.val_set),
         )
-        with backbone_autocast(self.device, self.amp_dtype):  # features come back float32
+        with autocast_to(self.device, self.amp_dtype):  # features come back float32
             return extract_cached(
                 self.net, self.train_set, self.val_set, self.device, self.test_per_rank, workers
             )

@@ -29,12 +29,17 @@ from pretrain.data import (
     count_bad_files,
     eval_transform,
 )
-from pretrain.features import extract_features
+from pretrain.engine import autocast_to
 from pretrain.health import split_retrieval
 from pretrain.io import UserError
-from pretrain.knn import contiguous_shard, feature_dtype, sharded_knn_predict
+from pretrain.knn import (
+    contiguous_shard,
+    feature_dtype,
+    hit_counts,
+    knn_hits,
+    sharded_knn_predict,
+)
 from pretrain.lincls.data import CachedFeatures
-from pretrain.lincls.model import backbone_autocast
 from pretrain.models import backbone_features
 
 __all__ = [
@@ -92,7 +97,7 @@ def evaluate_images(
     with inference_context(net):
         for images, labels in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            with backbone_autocast(device, amp_dtype):
+            with autocast_to(device, amp_dtype):
                 features = backbone_features(net, images)
             logits = net.fc(features.float())
             c = topk_correct(logits.float().cpu(), labels, (1, 5))
@@ -152,9 +157,8 @@ def knn_accuracy(
     train_y = features.train_labels[train_part].to(device)
     val = _normalized_copy(features.val[val_part], device)
     val_y = features.val_labels[val_part]
-    pred = sharded_knn_predict(train, train_y, val, num_classes, k, t).cpu()
-    gathered = comm.all_gather((int((pred == val_y).sum()), len(val_y)))
-    return 100.0 * sum(g[0] for g in gathered) / sum(g[1] for g in gathered)
+    hits, total = hit_counts(sharded_knn_predict(train, train_y, val, num_classes, k, t), val_y)
+    return 100.0 * hits / total
 
 
 def knn_train_set(cfg: PretrainCfgNode, val_set: RobustImageFolder) -> RobustImageFolder:
@@ -183,8 +187,8 @@ def frozen_knn_top1(
     """TEST.KNN's top-1 (%) of ``net``'s frozen backbone with TEST.KNN_K / KNN_T, logged; None
     when TEST.KNN is False (collective). ``features``: eval-transform features of both splits
     already extracted (cached mode: :func:`knn_accuracy`); else one eval-transform extraction
-    pass over each split, every rank keeping only its shard (:func:`_knn_hits`), the backbone
-    under autocast to ``amp_dtype`` (None: float32)."""
+    pass over each split, every rank keeping only its shard (:func:`pretrain.knn.knn_hits`), the
+    backbone under autocast to ``amp_dtype`` (None: float32)."""
     if not cfg.TEST.KNN:
         return None
     k, t = cfg.TEST.KNN_K, cfg.TEST.KNN_T
@@ -199,9 +203,9 @@ def frozen_knn_top1(
             len(val_set),
         )
         workers = cfg.DATALOADER.NUM_WORKERS
-        hits, total = _knn_hits(
-            net, train_set, val_set, num_classes, device, batch_size_per_rank, workers, k, t,
-            amp_dtype,
+        hits, total = knn_hits(
+            net, train_set, val_set, device, batch_size=batch_size_per_rank,
+            num_workers=workers, k=k, t=t, amp_dtype=amp_dtype,
         )  # fmt: skip
         top1 = 100.0 * hits / total
         bad = count_bad_files(train_set)
@@ -217,30 +221,6 @@ def frozen_knn_top1(
         *sizes,
     )
     return top1
-
-
-def _knn_hits(
-    net: torchvision.models.ResNet,
-    train_set: Dataset,
-    val_set: Dataset,
-    num_classes: int,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    k: int,
-    t: float,
-    amp_dtype: torch.dtype | None,
-) -> tuple[int, int]:
-    """:func:`pretrain.knn.knn_hits` with the feature extraction (only) under autocast to
-    ``amp_dtype``: wrapping ``knn_hits`` whole would also autocast its similarity matmul, which
-    must stay in :func:`pretrain.knn.feature_dtype` (collective)."""
-    kw = dict(normalize=True, gather=False, cpu=False, dtype=feature_dtype(device))
-    with backbone_autocast(device, amp_dtype):
-        train_f, train_y = extract_features(net, train_set, device, batch_size, num_workers, **kw)
-        val_f, val_y = extract_features(net, val_set, device, batch_size, num_workers, **kw)
-    pred = sharded_knn_predict(train_f, train_y.to(device), val_f, num_classes, k, t)
-    counts = comm.all_gather((int((pred.cpu() == val_y).sum()), len(val_y)))
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def knn_results(cfg: PretrainCfgNode, top1: float | None) -> dict[str, Any]:

@@ -5,8 +5,9 @@ mode) + the fc, with the cross-entropy of a loader batch; detectron2's ``SimpleT
 Only the fc (``net.fc``) is trained and, with more than one process, wrapped in DDP; the backbone
 runs under ``torch.no_grad`` and in eval mode, so BatchNorm uses and keeps its running statistics
 (docs/methods.md, "Linear evaluation"). With SOLVER.AMP the backbone runs under the trainer's
-autocast (:func:`amp_dtype`; :func:`backbone_autocast` for the evaluation passes) and its
-features are cast to float32: the fc, its gradients and the loss are always float32.
+autocast (:func:`pretrain.engine.amp_dtype`; :func:`pretrain.engine.autocast_to` for the
+evaluation passes) and its features are cast to float32: the fc, its gradients and the loss are
+always float32.
 """
 from __future__ import annotations
 
@@ -15,28 +16,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pretrain.config import PretrainCfgNode
-from pretrain.engine import amp_dtype as resolve_amp_dtype
 from pretrain.models import backbone_features
 
-__all__ = ["LinearClassifier", "amp_dtype", "backbone_autocast"]
-
-
-def amp_dtype(cfg: PretrainCfgNode, device: torch.device) -> torch.dtype | None:
-    """SOLVER.AMP's autocast dtype for the frozen backbone on ``device``, None for float32.
-
-    As for pretraining, mixed precision is a GPU setting: on the CPU it runs only when
-    MODEL.DEVICE says cpu explicitly (the CPU's autocast; that is how the tests reach it); with
-    MODEL.DEVICE auto on a machine without a usable GPU it is one sentence, not a silent change
-    of numerics."""
-    amp = cfg.SOLVER.AMP
-    return resolve_amp_dtype(amp.ENABLED, amp.PRECISION, device, cfg.MODEL.DEVICE)
-
-
-def backbone_autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """The frozen backbone's precision outside the training step: autocast to ``dtype`` on
-    ``device``'s type, or autocast off (float32) when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+__all__ = ["LinearClassifier"]
 
 
 class LinearClassifier(nn.Module):
