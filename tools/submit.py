@@ -30,7 +30,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 
 import pretrain  # noqa: E402, F401  (first: silences the dependencies' import-time warnings)
 from pretrain.io import UserError, exit_on_user_error  # noqa: E402
-from pretrain.submit import (  # noqa: E402
+from transfer.submit import (  # noqa: E402
     TOOLS,
     ToolJob,
     build_executor,

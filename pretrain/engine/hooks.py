@@ -1,22 +1,31 @@
 """Hooks of every training loop: stop before an update with a non-finite loss or gradient (float16
-overflow steps that the GradScaler skips are counted, not fatal), progress (images/s, epoch, ETA)
-and the writers (log line, metrics.json, tensorboard)."""
+overflow steps that the GradScaler skips are counted, not fatal), checkpoint and stop at the end
+of the step on SIGTERM / SIGINT / SIGUSR1 (and submitit's preemption signal), progress (images/s,
+epoch, ETA) and the writers (log line, metrics.json, tensorboard)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
+import torch.distributed as dist
 from detectron2.engine import hooks
+from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 __all__ = [
     "NonFiniteLossError",
     "FiniteCheckHook",
     "MAX_CONSECUTIVE_SKIPPED",
+    "STOP_SIGNALS",
+    "StoppedBySignal",
+    "SignalCheckpointHook",
+    "with_signal_checkpoint",
     "ProgressHook",
     "build_writers",
 ]
@@ -170,6 +179,15 @@ class FiniteCheckHook(hooks.HookBase):
             if first >= 0:
                 raise NonFiniteLossError(first, detected=it)
 
+    def check_now(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss or gradient
+        (one host read): before a checkpoint at an iteration that is not due (a stop on a
+        signal), so that no checkpoint ever holds weights updated with a non-finite gradient."""
+        if self._first_bad is not None:
+            first = int(self._first_bad)
+            if first >= 0:
+                raise NonFiniteLossError(first, detected=self.trainer.iter)
+
     def after_step(self) -> None:
         scaler = self._grad_scaler()
         if scaler is None or self._scale_before is None:
@@ -204,6 +222,144 @@ class FiniteCheckHook(hooks.HookBase):
             self._skipped_logged = skipped_total
         if first_long_run >= 0:
             raise NonFiniteLossError(first_long_run, detected=it, skipped=self.max_skipped)
+
+
+# the signals after which a run writes a checkpoint at the end of its step and stops; the exit
+# status is 128 + the signal number, what a shell reports for a process killed by it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StoppedBySignal(SystemExit):
+    """The run stopped on signal ``signum`` after writing its checkpoint; exit status 128 +
+    ``signum``. ``chained``: what the handler that was installed before ours (submitit's
+    requeue) raised when called after the checkpoint, to be raised in its place once the
+    processes have left the process group (:func:`pretrain.engine.launch.end_stopped_run`)."""
+
+    def __init__(self, signum: int, message: str, chained: Optional[BaseException] = None):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+        self.chained = chained
+
+
+def _preempt_signal() -> Optional[int]:
+    """submitit's preemption / timeout signal (``SUBMITIT_PREEMPT_SIGNAL``, default USR2), when
+    a Python handler (submitit's requeue) is installed for it in this process; else None."""
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if sig is None or sig in STOP_SIGNALS:
+        return None
+    return sig if callable(signal.getsignal(sig)) else None
+
+
+class SignalCheckpointHook(hooks.HookBase):
+    """On SIGTERM, SIGINT or SIGUSR1, finish the current step, write a checkpoint named like the
+    periodic ones (``model_{iter:07d}.pth``, so that ``--resume`` continues exactly at the next
+    iteration), log ``stopped by SIGTERM at iteration N; checkpoint ... written; rerun with
+    --resume to continue`` and stop with :class:`StoppedBySignal` (exit status 128 + signal).
+
+    The handlers (installed for the loop only, in the main thread) only record the first signal:
+    a second one during the save changes nothing and the save (atomic) completes. Every process
+    stops at the same step: after each step the recorded signal number is max-reduced over
+    processes on detectron2's gloo group (one integer on the host: a GPU run never waits for the
+    device), so one process receiving it is enough. A signal during the last iteration lets the
+    run finish.
+
+    Inside a submitit job, whose handler for its preemption signal (SIGUSR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise) checkpoints the job and requeues it, that signal
+    is caught as well: the run first writes its checkpoint, then submitit's handler is called
+    (on process 0 it requeues the job with ``--resume`` and exits), so the requeued job resumes at
+    the step where this one stopped, not at the last periodic checkpoint. Any other Python
+    handler installed before ours (e.g. submitit's, which only logs SIGTERM) is called after the
+    checkpoint in the same way.
+
+    Put it after every other hook but the writer (:func:`with_signal_checkpoint`): the
+    checkpointer and evaluation have done their part of the step when it saves, and the writer
+    writes the step once, at the end of the loop. The run's :class:`FiniteCheckHook`, if any, is
+    asked first, so a step with a non-finite gradient is never saved.
+    """
+
+    def __init__(self, checkpointer: Any, file_prefix: str = "model") -> None:
+        self.checkpointer = checkpointer
+        self.file_prefix = file_prefix
+        self._received = 0  # the first signal received; the only thing the handler touches
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self._received:
+            self._received = signum
+
+    def before_train(self) -> None:
+        self._received = 0
+        if threading.current_thread() is not threading.main_thread():
+            logger.debug("Training outside the main thread: no checkpoint on signals.")
+            return
+        preempt = _preempt_signal()
+        for sig in STOP_SIGNALS + ((preempt,) if preempt is not None else ()):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+    def after_train(self) -> None:
+        self._restore()
+        if self._received and self.trainer.iter + 1 >= self.trainer.max_iter:
+            logger.info(
+                "%s came during the last iteration: the run finishes.",
+                signal.Signals(self._received).name,
+            )
+
+    def _agreed_signal(self) -> int:
+        """The largest signal number recorded by any process (0: none), the same everywhere."""
+        if comm.get_world_size() == 1:
+            return self._received
+        flag = torch.tensor([self._received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=comm._get_global_gloo_group())
+        return int(flag.item())
+
+    def after_step(self) -> None:
+        signum = self._agreed_signal()
+        it = self.trainer.iter
+        if not signum or it + 1 >= self.trainer.max_iter:
+            return
+        for hook in self.trainer._hooks:
+            if isinstance(hook, FiniteCheckHook):
+                hook.check_now()
+        name = f"{self.file_prefix}_{it:07d}"
+        self.checkpointer.save(name, iteration=it)  # every process: collecting may be collective
+        comm.synchronize()  # every process leaves once the file is written
+        path = os.path.join(self.checkpointer.save_dir, f"{name}.pth")
+        signame = signal.Signals(signum).name
+        message = (
+            f"stopped by {signame} at iteration {it}; checkpoint {path} written; rerun with "
+            "--resume to continue"
+        )
+        logger.warning(message[0].upper() + message[1:] + ".")
+        previous = self._previous.get(signum)
+        self._restore()
+        chained: Optional[BaseException] = None
+        if callable(previous) and previous is not signal.default_int_handler:
+            try:
+                previous(signum, None)  # e.g. submitit: requeue with --resume, then exit
+            except BaseException as e:  # noqa: B036  (raised again after the group is left)
+                chained = e
+        raise StoppedBySignal(signum, message, chained)
+
+
+def with_signal_checkpoint(
+    loop_hooks: List[Optional[hooks.HookBase]], checkpointer: Any
+) -> List[hooks.HookBase]:
+    """``loop_hooks`` (Nones dropped) with a :class:`SignalCheckpointHook` of ``checkpointer``
+    after every hook but the trailing ``PeriodicWriter``: on a stop the writer skips its
+    ``after_step`` and writes that step once in its ``after_train`` (written twice, detectron2's
+    progress line divides by zero iterations)."""
+    ret = [h for h in loop_hooks if h is not None]
+    at = len(ret)
+    while at > 0 and isinstance(ret[at - 1], hooks.PeriodicWriter):
+        at -= 1
+    ret.insert(at, SignalCheckpointHook(checkpointer))
+    return ret
 
 
 class ProgressHook(hooks.HookBase):

@@ -1,12 +1,14 @@
 """Starting the processes of a job and setting each one up: detectron2's ``launch`` or torchrun,
-device choice, OUTPUT_DIR with log.txt / config.yaml, per-rank seeding, and the check that every
-process sees the same OUTPUT_DIR."""
+device choice, OUTPUT_DIR (its lock, log.txt / config.yaml), per-rank seeding, the check that
+every process sees the same OUTPUT_DIR, and the end of a job: locks released, the process group
+left also when a signal stopped the run."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -21,6 +23,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from pretrain.config import DEVICES
+from pretrain.engine.hooks import STOP_SIGNALS, StoppedBySignal
+from pretrain.engine.lock import lock_output_dir, release_output_dir_locks
 from pretrain.io import UserError
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "setup_run",
     "set_tf32",
     "check_shared_output_dir",
+    "end_stopped_run",
 ]
 
 
@@ -56,7 +61,12 @@ def launch_from_args(
     kind = resolve_device(device)
     if _env_world_size() > 1 and not dist.is_initialized():
         init_from_environment(kind)
-        main(*main_args)
+        try:
+            main(*main_args)
+        except StoppedBySignal as e:
+            end_stopped_run(e)
+        finally:
+            release_output_dir_locks()
         return
     hide_gpus = kind == "cpu" and args.num_gpus * args.num_machines > 1
     try:
@@ -74,6 +84,8 @@ def launch_from_args(
     except torch.multiprocessing.ProcessExitedException as e:
         if e.exit_code == 2:  # a worker already printed its one-sentence UserError
             raise SystemExit(2) from None
+        if e.exit_code in {128 + s for s in STOP_SIGNALS}:  # stopped by a signal, checkpointed
+            raise SystemExit(e.exit_code) from None
         raise
 
 
@@ -194,18 +206,46 @@ def init_from_environment(kind: str) -> None:
 
 def _run_worker(main: Callable[..., Any], *main_args: Any) -> None:
     """Body of every launched process. A spawned worker (world size > 1) ends with ``os._exit(0)``
-    after tearing gloo/NCCL down and flushing its output: the normal interpreter exit runs the C++
-    static destructors of the process-group backend, which now and then abort a finished worker
-    ("terminate called without an active exception", SIGABRT) and fail a completed run."""
+    (128 + the signal after a stop on a signal, :func:`end_stopped_run`) after tearing gloo/NCCL
+    down and flushing its output: the normal interpreter exit runs the C++ static destructors of
+    the process-group backend, which now and then abort a finished worker ("terminate called
+    without an active exception", SIGABRT) and fail a completed run. The OUTPUT_DIR lock
+    :func:`setup_run` took is released however ``main`` ends."""
     # decided before ``main``, which may already have torn the process group down itself
     spawned = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    main(*main_args)
+    code = 0
+    try:
+        main(*main_args)
+    except StoppedBySignal as e:
+        if not spawned:
+            end_stopped_run(e)  # raises: this process's exit
+        # the checkpoint is written: the launcher's SIGTERM to the workers still running once
+        # one has exited with 128 + signal must not cut this one's shutdown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            end_stopped_run(e)
+        except SystemExit as stop:  # the worker's exit status, after the shutdown below
+            code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        release_output_dir_locks()
     if spawned:
         finish_distributed()  # nothing left to do if main already did it
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+
+
+def end_stopped_run(stop: StoppedBySignal) -> None:
+    """The end of a run that a signal stopped after its checkpoint (every process raised
+    ``stop``, at the same step): leave the process group together, then exit with 128 + the
+    signal, or raise what the handler installed before ours raised (submitit's requeue exit).
+    The OUTPUT_DIR lock goes first: the checkpoint is on disk, the next run may start."""
+    release_output_dir_locks()
+    finish_distributed()
+    if stop.chained is not None:
+        raise stop.chained
+    raise SystemExit(stop.code)
 
 
 def finish_distributed() -> None:
@@ -300,10 +340,15 @@ class _LogFileOnly(logging.Filter):
 
 
 def setup_run(cfg: Any, args: Any) -> None:
-    """detectron2's ``default_setup``: OUTPUT_DIR, ``log.txt`` (rank 0; ``log.txt.rankN`` for the
+    """The lock of OUTPUT_DIR (:func:`pretrain.engine.lock.lock_output_dir`: a second run into
+    it stops here, before anything is written, with one sentence naming the run that holds it;
+    released when the launched job ends), then detectron2's ``default_setup``: OUTPUT_DIR,
+    ``log.txt`` (rank 0; ``log.txt.rankN`` for the
     others), the environment and the full config in the log (not on the terminal),
     ``config.yaml``, and seeding every RNG with ``SEED + rank``; TF32 as the config says; this
     package's loggers (``pretrain.*``) also go to the console and ``log.txt``."""
+    # first, before anything is written there: one live run per OUTPUT_DIR (collective)
+    lock = lock_output_dir(cfg.OUTPUT_DIR)
     # the logger default_setup configures (setup_logger is cached: same arguments, same logger)
     d2_logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
     for handler in d2_logger.handlers:  # all StreamHandlers: the console's writes to stdout
@@ -314,6 +359,10 @@ def setup_run(cfg: Any, args: Any) -> None:
     setup_logger(
         cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pretrain", abbrev_name="pt"
     )
+    if lock is not None and lock.takeover:
+        logging.getLogger("pretrain.engine.lock").warning(
+            lock.takeover[0].upper() + lock.takeover[1:]
+        )
 
 
 def _sees(path: str, token: str, wait_s: float) -> bool:

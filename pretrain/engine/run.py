@@ -1,7 +1,7 @@
 """What every training run shares, whichever loop it drives (:class:`TrainingRun`'s
 ``SimpleTrainer`` or detectron2's ``DefaultTrainer`` in :class:`transfer.trainer.Trainer`): the
-OUTPUT_DIR every process sees, DistributedDataParallel on CPU as on GPU, the resume decided by
-process 0, and ``results.json``."""
+OUTPUT_DIR every process sees (and no other live run holds), DistributedDataParallel on CPU as on
+GPU, the resume decided by process 0, and ``results.json``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.utils import comm
 
 from pretrain.engine.launch import check_shared_output_dir
+from pretrain.engine.lock import check_output_dir_free
 from pretrain.io import atomic_write_text
 
 __all__ = ["RunMixin", "create_ddp_model", "prepare_output_dir", "write_results"]
@@ -24,11 +25,13 @@ logger = logging.getLogger(__name__)
 
 def prepare_output_dir(output_dir: str) -> None:
     """Create ``output_dir`` (main process) and make sure that every process sees it
-    (collective, :func:`check_shared_output_dir`): call before any work, since every process
-    must see the checkpoints process 0 writes there."""
+    (collective, :func:`check_shared_output_dir`) and that no other live run holds its lock
+    (:func:`~pretrain.engine.lock.check_output_dir_free`; the tools took it in ``setup_run``):
+    call before any work, since every process must see the checkpoints process 0 writes there."""
     if comm.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
     check_shared_output_dir(output_dir)
+    check_output_dir_free(output_dir)
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:

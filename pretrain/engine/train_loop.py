@@ -1,6 +1,7 @@
 """The one training loop of every stage: detectron2's ``SimpleTrainer`` (``AMPTrainer`` with mixed
 precision, on any device) driven by :class:`TrainingRun`, the base of the pretraining and
-linear-eval runs (config, device, hooks, checkpointer, divergence message; resume and
+linear-eval runs (config, device, hooks, checkpointer, the checkpoint-and-stop on signals,
+divergence message; resume and
 ``results.json`` from :class:`~pretrain.engine.run.RunMixin`, which the detection trainer
 shares)."""
 
@@ -14,7 +15,13 @@ import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
 
-from pretrain.engine.hooks import FiniteCheckHook, NonFiniteLossError, ProgressHook, build_writers
+from pretrain.engine.hooks import (
+    FiniteCheckHook,
+    NonFiniteLossError,
+    ProgressHook,
+    build_writers,
+    with_signal_checkpoint,
+)
 from pretrain.engine.launch import get_device
 from pretrain.engine.run import RunMixin, prepare_output_dir
 from pretrain.io import UserError
@@ -203,7 +210,9 @@ class TrainingRun(RunMixin):
         raise NotImplementedError
 
     def register_hooks(self) -> None:
-        self.trainer.register_hooks([h for h in self.build_hooks() if h is not None])
+        """:meth:`build_hooks` and the checkpoint-and-stop on SIGTERM / SIGINT / SIGUSR1 after
+        them, before the writer (:func:`~pretrain.engine.hooks.with_signal_checkpoint`)."""
+        self.trainer.register_hooks(with_signal_checkpoint(self.build_hooks(), self.checkpointer))
 
     # ------------------------------------------------------------------ running
     def resumed_message(self) -> str:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pretrain.submit import ToolJob, parse_tool_args, slurm_parameters, with_resume
+from transfer.submit import ToolJob, parse_tool_args, slurm_parameters, with_resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml")
@@ -178,9 +178,10 @@ def _task_pid(controller_pid, timeout=60):
 def test_local_preempted_job_requeues_with_resume_and_finishes(
     shapes_folder, tmp_path, monkeypatch
 ):
-    """A preemption signal (SIGUSR2, what SLURM sends) to the running task: submitit calls
-    ToolJob.checkpoint, the job is requeued with --resume, resumes from the last checkpoint and
-    finishes."""
+    """A preemption signal (SIGUSR2, what SLURM sends) to the running task: the run writes a
+    checkpoint at the end of its step, then submitit's handler calls ToolJob.checkpoint, the job
+    is requeued with --resume, resumes at the next step (not at the last periodic checkpoint)
+    and finishes."""
     import submitit
 
     root = shapes_folder(48, 16, 32)
@@ -203,7 +204,9 @@ def test_local_preempted_job_requeues_with_resume_and_finishes(
     assert "requeueing with --resume --config-file" in stdout
     assert "Resumed at iteration" in log, stdout
     resumed_at = int(log.split("Resumed at iteration ")[1].split()[0])
-    assert 0 < resumed_at < 24 and resumed_at % 4 == 0
+    stopped_at = int(log.split("Stopped by SIGUSR2 at iteration ")[1].split(";")[0])
+    assert 0 < resumed_at < 24 and resumed_at == stopped_at + 1
+    assert f"checkpoint {out / f'model_{stopped_at:07d}.pth'} written" in log
     assert (out / "model_final.pth").exists()
 
 

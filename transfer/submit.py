@@ -10,6 +10,14 @@ first). On preemption or timeout submitit calls :meth:`ToolJob.checkpoint`, whic
 job with ``--resume`` (never with ``--eval-only``, where ``--resume`` would change what is
 evaluated): the run continues from the last checkpoint of its OUTPUT_DIR (DINO's
 ``run_with_submitit.py`` pattern).
+
+Signals in a job: submitit handles its preemption signal (SLURM's ``--signal=USR2@<delay>``) and
+only logs SIGTERM. While a tool's training loop runs, :class:`pretrain.engine.SignalCheckpointHook`
+catches both first: on SIGUSR2 every task finishes its step and the run writes a checkpoint there,
+then submitit's handler runs (rank 0 requeues with ``--resume`` and exits), so the requeued job
+continues at that step, not at the last periodic checkpoint; on SIGTERM (``scancel``, a
+pre-emption's first signal) the run writes the same checkpoint and exits with status 143, not
+requeued. Outside the loop (set-up, final evaluation) submitit's handlers act alone.
 """
 
 from __future__ import annotations
@@ -228,7 +236,8 @@ class ToolJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on preemption / timeout (rank 0): the same job with ``--resume``.
-        The state is what the run's periodic checkpoints hold (SOLVER.CHECKPOINT_PERIOD)."""
+        During training the run has just written a checkpoint at its current step (see the
+        module's docstring); otherwise the state is its last checkpoint on disk."""
         from submitit.helpers import DelayedSubmission
 
         requeued = replace(self, argv=with_resume(self.argv))
