@@ -1,5 +1,6 @@
 """Collects run outputs for the report: finds the OUTPUT_DIRs under the given paths and reads their
-``results.json`` and pretraining ``config.yaml`` (docs/formats.md).
+``results.json`` and pretraining ``config.yaml`` (docs/formats.md); an unreadable run is skipped
+with its reason (:func:`find_runs`), or refused with ``--strict``.
 
 ``metrics.json`` is read with ``pretrain.io.read_metrics`` (:attr:`Run.metrics_path`). Values from
 the files pass through :func:`as_number` / :func:`as_count`, so a value of the wrong type counts as
@@ -8,6 +9,7 @@ missing rather than inventing one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.io import UserError, read_json
+from pretrain.io import UserError
 
 __all__ = [
     "KINDS",
@@ -55,9 +57,19 @@ class Run:
 
 def _read_results(path: str) -> Run:
     file = os.path.join(path, "results.json")
-    res = read_json(file)
-    if res is None:
-        raise UserError(f"{file}: not readable JSON; re-run that stage or remove the file.")
+    try:
+        with open(file, encoding="utf-8") as f:
+            res = json.load(f)
+        mtime = os.path.getmtime(file)
+    except OSError as e:  # unreadable: permissions, an I/O error, gone since the listing
+        raise UserError(
+            f"{file}: cannot be read ({e.strerror or e}); check the file (or its folder's "
+            "permissions) or remove it."
+        ) from e
+    except ValueError as e:  # not JSON, not UTF-8: a truncated or overwritten file
+        raise UserError(
+            f"{file}: not readable JSON ({e}); re-run that stage or remove the file."
+        ) from e
     if not isinstance(res, dict) or res.get("kind") not in KINDS:
         kind = res.get("kind") if isinstance(res, dict) else type(res).__name__
         raise UserError(
@@ -66,13 +78,27 @@ def _read_results(path: str) -> Run:
         )
     prov = res.get("pretrain") if isinstance(res.get("pretrain"), dict) else {}
     name = res.get("name") or prov.get("name") or os.path.basename(os.path.normpath(path))
-    return Run(res["kind"], str(name), path, res, os.path.getmtime(file), str(name))
+    return Run(res["kind"], str(name), path, res, mtime, str(name))
 
 
-def find_runs(paths: list[str]) -> list[Run]:
-    """Each path is a run dir (holds results.json) or a parent searched recursively for them."""
+def find_runs(paths: list[str], skipped: list[str] | None = None) -> list[Run]:
+    """Each path is a run dir (holds results.json) or a parent searched recursively for them.
+
+    A run dir whose ``results.json`` cannot be read (or a folder that cannot be listed) is a
+    :class:`UserError`; with a ``skipped`` list, its one-sentence reason is appended there
+    instead and the other runs are read (the report's default; ``--strict`` passes none). A
+    path without any results.json, or runs of which none can be read, are always an error.
+    """
     runs: list[Run] = []
     seen: set[str] = set()
+    problems: list[str] = []
+
+    def unlistable(e: OSError) -> None:
+        problems.append(
+            f"{e.filename}: cannot be listed ({e.strerror}); check its permissions or leave it "
+            "out."
+        )
+
     for path in paths:
         if os.path.isfile(path) and os.path.basename(path) == "results.json":
             path = os.path.dirname(path) or "."
@@ -81,20 +107,36 @@ def find_runs(paths: list[str]) -> list[Run]:
                 f"{path}: no such directory; pass OUTPUT_DIRs (or a folder holding them)."
             )
         found = []
-        for root, dirs, files in os.walk(path):
+        before = len(problems)
+        for root, dirs, files in os.walk(path, onerror=unlistable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             if "results.json" in files:
                 found.append(root)
-        if not found:
+        if not found and len(problems) == before:
             raise UserError(
                 f"{path}: no results.json in it or below; pass the OUTPUT_DIR of a finished "
                 "tools/pretrain.py, tools/lincls.py or tools/train_det.py run."
             )
         for root in found:
             key = os.path.realpath(root)
-            if key not in seen:
-                seen.add(key)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
                 runs.append(_read_results(root))
+            except UserError as e:
+                if skipped is None:
+                    raise
+                problems.append(str(e))
+    if problems and skipped is None:
+        raise UserError(problems[0])
+    if problems and not runs:
+        raise UserError(
+            f"{', '.join(paths)}: none of the runs can be read ({len(problems)} skipped; the "
+            f"first: {problems[0].rstrip('.')})."
+        )
+    if skipped is not None:
+        skipped += problems
     return runs
 
 
