@@ -11,7 +11,9 @@ SGD lr 30, 100 epochs, drops at 60/80), e.g.
 
 MODEL.WEIGHTS may be our pretraining checkpoint, an official MoCo checkpoint or a torchvision state
 dict. --cached-features trains the fc on features of center crops extracted once: fast, but NOT the
-paper protocol (no augmentation).
+paper protocol (no augmentation). configs/lincls/shapes_cpu.yaml (the demo) and r50_100ep_bn.yaml
+put a BatchNorm before the fc with lr 0.1 x batch / 256 (MODEL.HEAD_BN, MAE's probe; not MoCo's
+protocol).
 """
 import os
 import sys

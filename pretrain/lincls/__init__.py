@@ -9,6 +9,9 @@ A supervised loop on top of the pretraining engine's pieces (launch, checkpointi
   one ``nn.Linear`` (weights N(0, 0.01^2), bias 0, as MoCo's ``main_lincls.py``) is trained with
   cross-entropy, SGD momentum 0.9, lr 30 (not scaled with the batch size, as MoCo), wd 0,
   batch 256, 100 epochs, lr x0.1 at epochs 60 and 80. Only the fc is wrapped in DDP;
+* ``MODEL.HEAD_BN`` (the demo's ``shapes_cpu.yaml``, ``r50_100ep_bn.yaml``; not MoCo's protocol):
+  a BatchNorm without affine parameters before the fc, as MAE's linear probe, with lr 0.1 x
+  batch / 256 (``SOLVER.REFERENCE_BATCH``); folded into the fc of ``model_final.pth``;
 * train images: RandomResizedCrop + flip; val: Resize + CenterCrop; top-1 / top-5 on the val
   split at the end (and every ``TEST.EVAL_PERIOD_EPOCHS``);
 * next to it, the weighted kNN top-1 of the frozen backbone (``TEST.KNN``, :func:`knn_accuracy`):
@@ -40,7 +43,8 @@ One job per module:
   (extracted by :func:`pretrain.features.extract_features`, re-exported here);
 * :mod:`~pretrain.lincls.metrics` -- top-1 / top-5 of the fc, kNN and retrieval top-1 of the
   backbone;
-* :mod:`~pretrain.lincls.model` -- :class:`LinearClassifier` (frozen backbone + fc, the loss);
+* :mod:`~pretrain.lincls.model` -- :class:`LinearClassifier` (frozen backbone + fc, the loss) and
+  :class:`BatchNormLinear` (the fc with MODEL.HEAD_BN, and its folding);
 * :mod:`~pretrain.lincls.evaluator` -- :class:`LinearEvaluator` (one run: train, evaluate, save);
 * :mod:`~pretrain.lincls.api` -- :func:`run_linear_eval` and :func:`evaluate_weights`
   (``--eval-only``).
@@ -50,13 +54,14 @@ from pretrain.lincls.api import evaluate_weights, run_linear_eval
 from pretrain.lincls.config import (
     add_lincls_config,
     get_lincls_cfg,
+    lincls_lr,
     load_lincls_cfg,
     validate_lincls_cfg,
 )
 from pretrain.lincls.data import CachedFeatures, FeatureDataset
 from pretrain.lincls.evaluator import LinearEvaluator
 from pretrain.lincls.metrics import knn_accuracy, topk_correct
-from pretrain.lincls.model import LinearClassifier
+from pretrain.lincls.model import BatchNormLinear, LinearClassifier, fold_head_bn
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -67,6 +72,7 @@ from pretrain.lincls.weights import (
 
 __all__ = [
     "BackboneChangedError",
+    "BatchNormLinear",
     "CachedFeatures",
     "FeatureDataset",
     "LinearClassifier",
@@ -77,8 +83,10 @@ __all__ = [
     "check_backbone_unchanged",
     "evaluate_weights",
     "extract_features",
+    "fold_head_bn",
     "get_lincls_cfg",
     "knn_accuracy",
+    "lincls_lr",
     "load_lincls_cfg",
     "load_pretrained",
     "run_linear_eval",

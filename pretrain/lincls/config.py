@@ -22,7 +22,9 @@ from pretrain.config import (
 )
 from pretrain.io import UserError
 
-__all__ = ["add_lincls_config", "get_lincls_cfg", "load_lincls_cfg", "validate_lincls_cfg"]
+__all__ = [
+    "add_lincls_config", "get_lincls_cfg", "lincls_lr", "load_lincls_cfg", "validate_lincls_cfg"
+]  # fmt: skip
 
 
 def add_lincls_config(cfg: PretrainCfgNode) -> None:
@@ -37,6 +39,11 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     # NHWC memory format for the frozen backbone and its inputs (faster convolutions with AMP on
     # recent GPUs; the R50 configs turn it on)
     cfg.MODEL.CHANNELS_LAST = False
+    # a BatchNorm without affine parameters (eps 1e-6) on the features before the fc, as MAE's
+    # linear probe: statistics of the global batch in training, running ones in evaluation,
+    # folded into the fc of model_final.pth (docs/methods.md, "Linear evaluation"). Not MoCo's
+    # protocol (False: the paper's numbers); with it the fc wants a far smaller lr (0.1 at 256)
+    cfg.MODEL.HEAD_BN = False
 
     cfg.INPUT = PretrainCfgNode()
     # crop size: RandomResizedCrop(SIZE) for train, CenterCrop(SIZE) for val
@@ -51,8 +58,11 @@ def add_lincls_config(cfg: PretrainCfgNode) -> None:
     cfg.SOLVER = PretrainCfgNode()
     # global batch over all processes
     cfg.SOLVER.IMS_PER_BATCH = 256
-    # used as is, whatever the batch size (MoCo does not scale the linear-eval lr)
+    # the lr at SOLVER.REFERENCE_BATCH images per step (MoCo: 30, used as is)
     cfg.SOLVER.BASE_LR = 30.0
+    # > 0: lr = BASE_LR * IMS_PER_BATCH / REFERENCE_BATCH (linear scaling with the batch);
+    # 0: BASE_LR at any batch size (MoCo does not scale the linear-eval lr). Logged at start
+    cfg.SOLVER.REFERENCE_BATCH = 0
     cfg.SOLVER.MOMENTUM = 0.9
     cfg.SOLVER.WEIGHT_DECAY = 0.0
     # length in epochs of DATASETS.TRAIN_SPLIT (ignored if MAX_ITER > 0)
@@ -116,6 +126,14 @@ def get_lincls_cfg() -> PretrainCfgNode:
     return cfg
 
 
+def lincls_lr(cfg: PretrainCfgNode) -> float:
+    """The fc's lr: SOLVER.BASE_LR, scaled by IMS_PER_BATCH / REFERENCE_BATCH when that is > 0."""
+    s = cfg.SOLVER
+    if s.REFERENCE_BATCH > 0:
+        return float(s.BASE_LR) * s.IMS_PER_BATCH / s.REFERENCE_BATCH
+    return float(s.BASE_LR)
+
+
 def load_lincls_cfg(
     config_file: str, opts: list[str] | None = None, check_paths: bool = True
 ) -> PretrainCfgNode:
@@ -140,6 +158,10 @@ def validate_lincls_cfg(cfg: PretrainCfgNode, check_paths: bool = True) -> None:
     _need(arch in ARCHS, f"MODEL.ARCH {arch!r} is unknown; choose one of {ARCHS}.")
     _need(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}.")
     _need(s.BASE_LR > 0, f"SOLVER.BASE_LR must be > 0, got {s.BASE_LR}.")
+    _need(
+        s.REFERENCE_BATCH >= 0,
+        f"SOLVER.REFERENCE_BATCH must be >= 0 (0 = BASE_LR unscaled), got {s.REFERENCE_BATCH}.",
+    )
     _need(s.WEIGHT_DECAY >= 0 and s.MOMENTUM >= 0, "SOLVER.WEIGHT_DECAY and MOMENTUM must be >= 0.")
     _need(s.MAX_ITER > 0 or s.EPOCHS > 0, "set SOLVER.EPOCHS or SOLVER.MAX_ITER to be positive.")
     drops = list(s.LR_DROP_EPOCHS)

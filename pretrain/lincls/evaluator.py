@@ -2,10 +2,14 @@
 optimizer, lr schedule, checkpoints and hooks, trains, evaluates, runs the sanity check and
 writes ``results.json`` (docs/methods.md, "Linear evaluation"; outputs: docs/formats.md).
 
-Schedule: SGD momentum 0.9, lr as configured (30 for MoCo, not scaled with the batch size),
-lr x GAMMA at the first iteration of each LR_DROP_EPOCHS epoch; top-1 / top-5 on the val split at
-the end (and every TEST.EVAL_PERIOD_EPOCHS); then the kNN top-1 of the frozen backbone
-(TEST.KNN) and the comparison of every backbone tensor with MODEL.WEIGHTS.
+Schedule: SGD momentum 0.9, lr as configured (:func:`pretrain.lincls.config.lincls_lr`: 30 for
+MoCo, not scaled with the batch size), lr x GAMMA at the first iteration of each LR_DROP_EPOCHS
+epoch; top-1 / top-5 on the val split at the end (and every TEST.EVAL_PERIOD_EPOCHS); then the
+kNN top-1 of the frozen backbone (TEST.KNN) and the comparison of every backbone tensor with
+MODEL.WEIGHTS. With MODEL.HEAD_BN the head's BatchNorm is folded into the fc of
+``model_final.pth`` (a plain torchvision state dict); the periodic checkpoints keep it unfolded
+for ``--resume``, and a checkpoint whose head does not match MODEL.HEAD_BN is refused with one
+sentence.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 from detectron2.engine import hooks
+from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils import comm
 from torch.utils.data import Dataset
 
@@ -32,6 +37,7 @@ from pretrain.engine import (
     create_ddp_model,
 )
 from pretrain.io import UserError
+from pretrain.lincls.config import lincls_lr
 from pretrain.lincls.data import (
     CachedFeatures,
     FeatureDataset,
@@ -47,7 +53,7 @@ from pretrain.lincls.metrics import (
     knn_results,
     percent,
 )
-from pretrain.lincls.model import LinearClassifier
+from pretrain.lincls.model import BatchNormLinear, LinearClassifier
 from pretrain.lincls.weights import (
     BackboneChangedError,
     PretrainedWeights,
@@ -66,6 +72,26 @@ _PROTOCOL = {
     False: "MoCo protocol",
     True: "CACHED FEATURES of center crops: fast, not the paper protocol",
 }
+# a head BatchNorm in a checkpoint's model (MODEL.HEAD_BN, unfolded)
+_HEAD_BN_KEY = "fc.bn.running_mean"
+
+
+class _HeadCheckpointer(AtomicCheckpointer):
+    """The run's checkpointer, which lets ``match_head(path, checkpoint)`` check (and adapt) the
+    fc before a checkpoint's model is restored into it."""
+
+    def __init__(self, *args: Any, match_head: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.match_head = match_head
+        self._loading = ""
+
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        self._loading = path
+        return super().load(path, checkpointables)
+
+    def _load_model(self, checkpoint: Any) -> Any:
+        self.match_head(self._loading, checkpoint)
+        return super()._load_model(checkpoint)
 
 
 class LinearEvaluator(TrainingRun):
@@ -106,7 +132,11 @@ class LinearEvaluator(TrainingRun):
         self.train_set, self.val_set = build_datasets(cfg)
         self.num_classes = len(self.train_set.classes)
         seed = cfg.SEED if cfg.SEED >= 0 else int(torch.randint(0, 2**31, ()).item())
-        self.net = build_linear_model(cfg.MODEL.ARCH, self.num_classes, self.weights, seed)
+        self.head_bn = bool(cfg.MODEL.HEAD_BN)
+        self.net = build_linear_model(
+            cfg.MODEL.ARCH, self.num_classes, self.weights, seed, head_bn=self.head_bn
+        )
+        self.lr = lincls_lr(cfg)
         self.net.to(self.device)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -154,7 +184,7 @@ class LinearEvaluator(TrainingRun):
             self.model,
             torch.optim.SGD(
                 params,
-                lr=cfg.SOLVER.BASE_LR,
+                lr=self.lr,
                 momentum=cfg.SOLVER.MOMENTUM,
                 weight_decay=cfg.SOLVER.WEIGHT_DECAY,
             ),
@@ -165,9 +195,10 @@ class LinearEvaluator(TrainingRun):
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, self.milestones, gamma=cfg.SOLVER.GAMMA
         )
-        self.checkpointer = AtomicCheckpointer(
+        self.checkpointer = _HeadCheckpointer(
             self.net,
             cfg.OUTPUT_DIR,
+            match_head=self._match_head,
             meta_fn=self.meta,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
@@ -183,8 +214,7 @@ class LinearEvaluator(TrainingRun):
         logger.info(
             "Linear eval (%s) of %s [%s checkpoint %s]: %s, %d train / %d val images, %d classes, "
             "%d processes, global batch %d, %d iterations/epoch, %d iterations (%.2f epochs); "
-            "lr %.4g (as configured, not scaled with the batch size), x%g at iterations %s; "
-            "backbone in %s%s, fc in float32",
+            "lr %.4g (%s), x%g at iterations %s; backbone in %s%s, %sfc in float32",
             _PROTOCOL[self.cached],
             self.name,
             self.weights.kind,
@@ -198,11 +228,18 @@ class LinearEvaluator(TrainingRun):
             ipe,
             self.max_iter,
             self.max_iter / max(ipe, 1),
-            cfg.SOLVER.BASE_LR,
+            self.lr,
+            (
+                f"SOLVER.BASE_LR {cfg.SOLVER.BASE_LR:g} x {cfg.SOLVER.IMS_PER_BATCH} / "
+                f"{cfg.SOLVER.REFERENCE_BATCH}"
+                if cfg.SOLVER.REFERENCE_BATCH > 0
+                else "as configured, not scaled with the batch size"
+            ),
             cfg.SOLVER.GAMMA,
             self.milestones,
             "float32" if self.amp_dtype is None else f"{cfg.SOLVER.AMP.PRECISION} autocast",
             ", channels_last" if self.channels_last else "",
+            "BatchNorm (no affine, MODEL.HEAD_BN) + " if self.head_bn else "",
         )
 
     def _extract(self, workers: int) -> CachedFeatures:
@@ -231,20 +268,24 @@ class LinearEvaluator(TrainingRun):
         return ret
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Top-1 / top-5 (%) on the val split (collective); also kept in :attr:`last_eval`."""
-        if self.cached:
-            f = self.features
-            acc = evaluate_features(self.net.fc, f.val, f.val_labels, self.device)
-        else:
-            acc = evaluate_images(
-                self.net,
-                self.val_set,
-                self.device,
-                self.test_per_rank,
-                self.cfg.DATALOADER.NUM_WORKERS,
-                self.amp_dtype,
-                self.channels_last,
-            )
+        """Top-1 / top-5 (%) on the val split (collective); also kept in :attr:`last_eval`.
+
+        The whole model is in eval mode meanwhile (the head's BatchNorm on its running
+        statistics) and back in its training mode afterwards."""
+        with inference_context(self.model):
+            if self.cached:
+                f = self.features
+                acc = evaluate_features(self.net.fc, f.val, f.val_labels, self.device)
+            else:
+                acc = evaluate_images(
+                    self.net,
+                    self.val_set,
+                    self.device,
+                    self.test_per_rank,
+                    self.cfg.DATALOADER.NUM_WORKERS,
+                    self.amp_dtype,
+                    self.channels_last,
+                )
         self.last_eval = acc
         logger.info(
             "Val top-1 %.2f%%, top-5 %.2f%% (%d images) after %.2f epochs",
@@ -298,10 +339,43 @@ class LinearEvaluator(TrainingRun):
             "epochs": float(self.loader.epochs_done()),
             "iteration": int(self.trainer.iter) + 1,
             "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
+            "lr": self.lr,
+            "head_bn": self.head_bn,
+            "head_bn_folded": self.head_bn and not isinstance(self.net.fc, BatchNormLinear),
             "cached_features": self.cached,
             "weights": os.path.abspath(self.weights.path),
             "pretrain": dict(self.weights.meta),
         }
+
+    def _match_head(self, path: str, checkpoint: Any) -> None:
+        """Before ``checkpoint`` (of ``path``) is restored: its fc must have been trained as
+        MODEL.HEAD_BN says, else one sentence; a finished MODEL.HEAD_BN run's ``model_final.pth``
+        holds the folded plain fc, which replaces :class:`BatchNormLinear` (nothing is trained
+        any more)."""
+        model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+        if not isinstance(model, dict):
+            return  # fvcore's own checks report it
+        meta = meta if isinstance(meta, dict) else {}
+        unfolded = _HEAD_BN_KEY in model
+        trained_bn = unfolded or meta.get("head_bn") is True  # before HEAD_BN: no "head_bn"
+        if trained_bn != self.head_bn:
+            old = "" if "head_bn" in meta else " (a run from before MODEL.HEAD_BN existed)"
+            raise UserError(
+                f"{path}: its fc was trained {'with' if trained_bn else 'without'} the head "
+                f"BatchNorm{old}, but MODEL.HEAD_BN is {self.head_bn}; resume with "
+                f"MODEL.HEAD_BN {trained_bn} or use a fresh OUTPUT_DIR."
+            )
+        if self.head_bn and not unfolded:
+            iterations = int(checkpoint.get("iteration", -1)) + 1
+            if iterations < self.max_iter:
+                raise UserError(
+                    f"{path}: its fc holds the head BatchNorm folded in after {iterations} "
+                    f"iterations (a finished run), so it cannot train on to {self.max_iter}; "
+                    "use a fresh OUTPUT_DIR to train longer."
+                )
+            fc = self.net.fc  # a plain fc like the file's, which is loaded into it next
+            self.net.fc = torch.nn.Linear(fc.in_features, fc.out_features, device=fc.weight.device)
 
     def after_resume(self, path: str) -> None:
         """The restored fc must sit on the backbone of MODEL.WEIGHTS."""
@@ -346,6 +420,10 @@ class LinearEvaluator(TrainingRun):
         self.retrieval_eval()
         checked = check_backbone_unchanged(self.net, self.weights.backbone, self.weights.path)
         logger.info("Sanity check passed: %d backbone tensors equal MODEL.WEIGHTS.", checked)
+        if isinstance(self.net.fc, BatchNormLinear):
+            # the export: a plain torchvision state dict, the head's BatchNorm folded into the fc
+            self.net.fc = self.net.fc.folded().eval()
+            logger.info("Folded the head's BatchNorm into the fc of model_final.pth.")
         # the hook saved model_final before the final eval; save it again with top-1 in meta
         self.checkpointer.save("model_final", iteration=self.max_iter - 1)
         bad = count_bad_files(self.train_set) + count_bad_files(self.val_set)
@@ -368,7 +446,8 @@ class LinearEvaluator(TrainingRun):
             "epochs": float(self.loader.epochs_done()),
             "iterations": int(self.max_iter),
             "ims_per_batch": int(self.cfg.SOLVER.IMS_PER_BATCH),
-            "lr": float(self.cfg.SOLVER.BASE_LR),
+            "lr": float(self.lr),
+            "head_bn": self.head_bn,
             "cached_features": self.cached,
             "protocol": "cached" if self.cached else "moco",
             "skipped_images": bad,

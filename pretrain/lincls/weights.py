@@ -18,6 +18,7 @@ from torch import nn
 
 from pretrain.config import ARCHS, PretrainCfgNode
 from pretrain.io import UserError, load_checkpoint
+from pretrain.lincls.model import BatchNormLinear, fold_head_bn
 
 __all__ = [
     "FC_INIT_STD",
@@ -44,7 +45,8 @@ class PretrainedWeights:
         kind: ``pretrain`` (ours), ``moco``, ``lincls`` (ours) or ``torchvision``.
         backbone: every backbone tensor (no ``fc.*``).
         fc: ``fc.weight`` / ``fc.bias`` when the checkpoint holds a linear classifier (lincls or
-            torchvision checkpoints), else empty; only ``--eval-only`` uses it.
+            torchvision checkpoints; a MODEL.HEAD_BN BatchNorm folded in), else empty; only
+            ``--eval-only`` uses it.
         meta: what the checkpoint says about its pre-training (docs/formats.md ``meta``).
         file_meta: the file's own ``meta`` as stored (for a linear-eval checkpoint: its
             ``seed``, ``top1``, ...; ``meta`` holds the pre-training's), else empty.
@@ -69,8 +71,7 @@ def _arch_name(depth: int, width_per_group: int, groups: int) -> str:
 
 def _checkpoint_arch(backbone: dict[str, torch.Tensor]) -> str | None:
     """The architecture the tensors describe, or None when they describe no full ResNet."""
-    # transfer.convert reads depth, width and groups off the tensors; reuse it (import here: the
-    # transfer package is optional for everything else in pretrain/)
+    # the converter's reading of depth, width and groups off the tensors (pretrain.checkpoints)
     from pretrain.checkpoints import infer_resnet_arch
 
     try:
@@ -144,6 +145,13 @@ def load_pretrained(path: str, arch: str, unsafe: bool = False) -> PretrainedWei
     fc: dict[str, torch.Tensor] = {}
     if extracted.kind in ("lincls", "torchvision") and {"fc.weight", "fc.bias"} <= set(sd):
         fc = {"fc.weight": sd["fc.weight"], "fc.bias": sd["fc.bias"]}
+        if {"fc.bn.running_mean", "fc.bn.running_var"} <= set(sd):
+            # a linear-eval checkpoint saved during training with MODEL.HEAD_BN: its BatchNorm
+            # folded into the fc (model_final.pth holds it folded already)
+            w, b = fold_head_bn(
+                sd["fc.weight"], sd["fc.bias"], sd["fc.bn.running_mean"], sd["fc.bn.running_var"]
+            )
+            fc = {"fc.weight": w, "fc.bias": b}
     meta = dict(extracted.meta)
     meta_arch = meta.get("arch")
     if isinstance(meta_arch, str) and meta_arch in ARCHS and meta_arch != arch:
@@ -156,13 +164,16 @@ def load_pretrained(path: str, arch: str, unsafe: bool = False) -> PretrainedWei
 
 
 def build_linear_model(
-    arch: str, num_classes: int, weights: PretrainedWeights, seed: int = 0
+    arch: str, num_classes: int, weights: PretrainedWeights, seed: int = 0, head_bn: bool = False
 ) -> torchvision.models.ResNet:
     """A torchvision ResNet with the backbone of ``weights`` (frozen: ``requires_grad`` False)
-    and a fresh ``fc`` (N(0, 0.01^2) weights drawn from ``seed``, zero bias), in eval mode."""
+    and a fresh ``fc`` (N(0, 0.01^2) weights drawn from ``seed``, zero bias), in eval mode;
+    with ``head_bn`` the fc is a :class:`BatchNormLinear` (MODEL.HEAD_BN), the same draws."""
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if head_bn:
+        net.fc = BatchNormLinear(net.fc.in_features, num_classes)
     result = net.load_state_dict(weights.backbone, strict=False)
-    allowed = {"fc.weight", "fc.bias"}
+    allowed = {k for k in net.state_dict() if k.startswith("fc.")}
     not_loaded = [
         k for k in result.missing_keys if k not in allowed and not k.endswith(_BN_COUNTER)
     ]

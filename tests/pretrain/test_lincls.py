@@ -3,6 +3,7 @@ frozen-backbone sanity check, exact resume, the accepted checkpoint formats, bad
 and the CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from pretrain.io import UserError, load_checkpoint
 from pretrain.knn import knn_predict
 from pretrain.lincls import (
     BackboneChangedError,
+    BatchNormLinear,
     CachedFeatures,
     LinearEvaluator,
     build_linear_model,
@@ -24,6 +26,7 @@ from pretrain.lincls import (
     extract_features,
     get_lincls_cfg,
     knn_accuracy,
+    lincls_lr,
     load_lincls_cfg,
     load_pretrained,
     run_linear_eval,
@@ -236,7 +239,9 @@ def test_image_protocol_keeps_bn_frozen_and_only_trains_fc(shapes, oracle, tmp_p
     fc_init = evaluator.net.fc.weight.detach().clone()
     evaluator.model.train()
     assert evaluator.model.training and not evaluator.net.training
-    assert not any(m.training for m in evaluator.net.modules())
+    # every backbone module in eval mode; only the head follows train() (its BN, with HEAD_BN)
+    assert not any(m.training for n, m in evaluator.net.named_modules() if not n.startswith("fc"))
+    assert evaluator.net.fc.training
     res = evaluator.train()
     final = load_checkpoint(str(tmp_path / "img" / "model_final.pth"))
     source = torch.load(oracle[0])
@@ -422,13 +427,22 @@ def test_shipped_configs_load_and_follow_the_protocol():
     assert (s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY, s.IMS_PER_BATCH) == (30.0, 0.9, 0.0, 256)
     assert (s.EPOCHS, tuple(s.LR_DROP_EPOCHS), s.GAMMA) == (100, (60, 80), 0.1)
     assert not moco.CACHED_FEATURES
+    # the paper's protocol: lr 30 unscaled on the raw features
+    assert (moco.MODEL.HEAD_BN, s.REFERENCE_BATCH, lincls_lr(moco)) == (False, 0, 30.0)
+    # the steady probe: the same schedule, a head BatchNorm and lr 0.1 at batch 256
+    bn = load_lincls_cfg(os.path.join(folder, "r50_100ep_bn.yaml"), check_paths=False)
+    assert (bn.MODEL.HEAD_BN, bn.SOLVER.BASE_LR, bn.SOLVER.REFERENCE_BATCH) == (True, 0.1, 256)
+    assert (bn.SOLVER.EPOCHS, tuple(bn.SOLVER.LR_DROP_EPOCHS), bn.SOLVER.IMS_PER_BATCH) == (
+        100, (60, 80), 256
+    )  # fmt: skip
     # the shapes demo evaluates the pretraining demo's backbone at its resolution
     demo = load_lincls_cfg(os.path.join(folder, "shapes_cpu.yaml"), check_paths=False)
     pre_file = os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml")
     pre = load_pretrain_cfg(pre_file, check_paths=False)
     assert (demo.MODEL.ARCH, demo.INPUT.SIZE) == (pre.MODEL.ARCH, pre.INPUT.SIZE)
     assert demo.DATASETS.ROOT == pre.DATASETS.ROOT
-    assert (demo.SOLVER.BASE_LR, demo.SOLVER.EPOCHS) == (30.0, 100)
+    assert (demo.SOLVER.BASE_LR, demo.SOLVER.EPOCHS, demo.MODEL.HEAD_BN) == (0.1, 100, True)
+    assert lincls_lr(demo) == pytest.approx(0.1 * 32 / 256)  # r50_100ep_bn.yaml's lr at batch 32
     # its retrieval is the pretraining monitor's: same views (crop scales), same val images
     t = demo.TEST
     assert t.RETRIEVAL_MIN_SCALE == pre.INPUT.MIN_SCALE
@@ -522,7 +536,9 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     assert [m["iteration"] for m in evals] == [49, 100]  # every 5 epochs, then the final one
     assert evals[-1]["val/top1"] == res["top1"]
     lrs = {m["iteration"]: m["lr"] for m in metrics if "lr" in m}
-    assert lrs[59] == 30.0 and lrs[79] == pytest.approx(3.0)  # unscaled at batch 10, x0.1 at 6
+    # shapes_cpu.yaml: 0.1 x 10 / 256 at batch 10, x0.1 at epoch 6
+    assert lrs[59] == pytest.approx(0.1 * 10 / 256) and lrs[79] == pytest.approx(0.1 * 10 / 2560)
+    assert res["lr"] == pytest.approx(0.1 * 10 / 256) and res["head_bn"] is True
     log = (out / "log.txt").read_text()
     assert "eta:" in log and "not the paper protocol" in log and "Sanity check passed" in log
     assert f"kNN top-1 {res['knn_top1']:.2f}% (k=20, T=0.1; 50 val against 100 train" in log
@@ -530,7 +546,9 @@ def test_cli_cached_run_writes_the_documented_outputs(shapes, oracle, tmp_path):
     final = load_checkpoint(str(out / "model_final.pth"))
     assert final["meta"]["kind"] == "lincls" and final["meta"]["top1"] == res["top1"]
     assert final["meta"]["pretrain"]["name"] == "demo"
+    # the head's BatchNorm folded into the fc: a plain torchvision state dict
     assert set(final["model"]) == set(torchvision.models.resnet18(num_classes=5).state_dict())
+    assert final["meta"]["head_bn"] is True and final["meta"]["head_bn_folded"] is True
 
     # tools/convert.py takes it and carries name and top-1 on
     from transfer.convert import convert
@@ -616,3 +634,147 @@ def test_cli_two_processes_match_one(shapes, oracle, tmp_path):
     r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "2"))
     assert r2["knn_top1"] == pytest.approx(r1["knn_top1"]) and r1["knn_top1"] > 50.0
     assert r1["val_images"] == r2["val_images"] == 50
+
+
+# --------------------------------------------------------------------------------------------
+# the head BatchNorm (MODEL.HEAD_BN): a calm log, the folded export, resume
+
+
+def _demo_cfg(root, out, weights, *extra):
+    """configs/lincls/shapes_cpu.yaml, the demo's probe (head BatchNorm, lr 0.1 x N / 256), sized
+    for these tests: 100 train images, 10 per step (10 iterations per epoch), 30 epochs."""
+    return load_lincls_cfg(
+        os.path.join(ROOT, "configs", "lincls", "shapes_cpu.yaml"),
+        [
+            "MODEL.WEIGHTS", weights, "DATASETS.ROOT", root, "INPUT.SIZE", str(SIZE),
+            "SOLVER.IMS_PER_BATCH", "10", "SOLVER.EPOCHS", "30",
+            "SOLVER.LR_DROP_EPOCHS", "[18, 24]", "SOLVER.CHECKPOINT_PERIOD_EPOCHS", "30.0",
+            "TEST.IMS_PER_BATCH", "50",
+            "TEST.RETRIEVAL_SIZE", "0", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
+            "OUTPUT_DIR", str(out), *extra,
+        ],
+    )  # fmt: skip
+
+
+def _logged_losses(out, start):
+    """The total_loss values metrics.json holds (what the progress line shows: detectron2's
+    median of the last 20 steps) from iteration ``start`` on."""
+    lines = (out / "metrics.json").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    return [m["total_loss"] for m in metrics if "total_loss" in m and m["iteration"] >= start]
+
+
+def test_feature_batchnorm_is_batchnorm1d_and_folds_into_one_linear():
+    torch.manual_seed(0)
+    head = BatchNormLinear(512, 5)
+    reference = torch.nn.BatchNorm1d(512, eps=1e-6, affine=False)
+    x = torch.randn(200, 512) * 3 + 2
+    for i in range(0, 200, 20):  # training: batch statistics, running ones updated as torch does
+        assert torch.equal(head.bn(x[i : i + 20]), reference(x[i : i + 20]))
+    assert torch.equal(head.bn.running_var, reference.running_var)
+    assert [n for n, _ in head.named_parameters()] == ["weight", "bias"]  # BN: no parameters
+    head.eval()
+    folded = head.folded()
+    assert type(folded) is torch.nn.Linear and not folded.training
+    torch.testing.assert_close(folded(x), head(x), rtol=1e-5, atol=1e-5)
+    assert (folded(x) - head(x)).abs().max() < 1e-5
+
+
+def test_head_bn_probe_logs_a_bounded_loss(shapes, oracle, tmp_path):
+    """The demo's probe logs losses below 10 after its first epoch where MoCo's lr 30 on the raw
+    features (the demo's probe before MODEL.HEAD_BN) logs hundreds, and probes as well."""
+    calm = run_linear_eval(_demo_cfg(shapes, tmp_path / "bn", oracle[0]), cached=True)
+    raw_cfg = _demo_cfg(
+        shapes, tmp_path / "raw", oracle[0],
+        "MODEL.HEAD_BN", "False", "SOLVER.BASE_LR", "30.0", "SOLVER.REFERENCE_BATCH", "0",
+    )  # fmt: skip
+    raw = run_linear_eval(raw_cfg, cached=True, features=calm["features"])
+    after_epoch_1 = _logged_losses(tmp_path / "bn", 10)
+    assert len(after_epoch_1) == 290
+    assert max(after_epoch_1) < 10.0, max(after_epoch_1)
+    assert max(_logged_losses(tmp_path / "raw", 10)) > 100.0
+    majority = _majority_percent(shapes)
+    assert calm["top1"] > majority + 30 and calm["top1"] >= raw["top1"] - 4.0, (calm, raw)
+    assert (calm["head_bn"], raw["head_bn"]) == (True, False)
+    assert calm["lr"] == pytest.approx(0.1 * 10 / 256) and raw["lr"] == 30.0
+
+
+def test_head_bn_export_is_folded_and_gives_the_unfolded_outputs(shapes, oracle, tmp_path):
+    """model_final.pth holds the BatchNorm folded into a plain fc; the periodic checkpoint of
+    the same iteration holds it unfolded; both give the same logits, and --eval-only reads
+    either as the same fc."""
+    out = tmp_path / "fold"
+    res = run_linear_eval(_demo_cfg(shapes, out, oracle[0]), cached=True)
+    final = load_checkpoint(str(out / "model_final.pth"))
+    periodic = load_checkpoint(str(out / "model_0000299.pth"))  # the same, last iteration
+    assert set(final["model"]) == set(torchvision.models.resnet18(num_classes=5).state_dict())
+    head_keys = {k for k in periodic["model"] if k.startswith("fc.")}
+    assert head_keys == {"fc.weight", "fc.bias", "fc.bn.running_mean", "fc.bn.running_var",
+                         "fc.bn.num_batches_tracked"}  # fmt: skip
+    assert int(periodic["model"]["fc.bn.num_batches_tracked"]) == 300
+    unfolded = BatchNormLinear(512, 5)
+    unfolded.load_state_dict({k[3:]: v for k, v in periodic["model"].items() if k in head_keys})
+    unfolded.eval()
+    plain = torch.nn.Linear(512, 5)
+    plain.load_state_dict({k[3:]: final["model"][k] for k in ("fc.weight", "fc.bias")})
+    val = res["features"].val
+    with torch.no_grad():
+        a, b = unfolded(val), plain(val)
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    labels = res["features"].val_labels
+    top1 = [100.0 * (x.argmax(1) == labels).float().mean().item() for x in (a, b)]
+    assert top1 == [pytest.approx(res["top1"])] * 2
+    assert final["meta"]["head_bn_folded"] is True and periodic["meta"]["head_bn_folded"] is False
+    # --eval-only's reader folds an unfolded checkpoint itself: the same fc as model_final's
+    fc = load_pretrained(str(out / "model_0000299.pth"), "resnet18").fc
+    torch.testing.assert_close(fc["fc.weight"], final["model"]["fc.weight"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fc["fc.bias"], final["model"]["fc.bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_head_bn_resume_is_exact_and_mismatched_heads_are_refused(shapes, oracle, tmp_path):
+    """A run killed after iteration 3 of 6 (its periodic checkpoint holds the BatchNorm's running
+    statistics) resumes to the uninterrupted run's bits; a finished run resumes to its folded fc
+    and is only evaluated; a head unlike MODEL.HEAD_BN is one sentence."""
+    over = ["SOLVER.LR_DROP_EPOCHS", "[0.4]", "SOLVER.CHECKPOINT_PERIOD_EPOCHS", "0.3"]
+    cfg = _demo_cfg(shapes, tmp_path / "straight", oracle[0], *over, "SOLVER.MAX_ITER", "6")
+    straight = run_linear_eval(cfg, cached=True)
+    shutil.copytree(tmp_path / "straight", tmp_path / "killed")
+    for name in ("model_final.pth", "model_0000005.pth"):  # killed before iteration 6 was saved
+        (tmp_path / "killed" / name).unlink()
+    (tmp_path / "killed" / "last_checkpoint").write_text("model_0000002.pth")
+    killed = _demo_cfg(
+        shapes, tmp_path / "killed", oracle[0], *over, "SOLVER.MAX_ITER", "6",
+        "CACHED_FEATURES", "True",
+    )  # fmt: skip
+    evaluator = LinearEvaluator(killed).resume_or_load(resume=True)
+    assert evaluator.start_iter == 3 and isinstance(evaluator.net.fc, BatchNormLinear)
+    resumed = evaluator.train()
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["top1"] == straight["top1"] and resumed["head_bn"] is True
+    # a finished run resumes to its folded fc and evaluates it as it is
+    again = run_linear_eval(cfg, cached=True, resume=True)
+    assert again["top1"] == straight["top1"] and again["head_bn"] is True
+    assert torch.equal(_state(tmp_path / "straight")["model"]["fc.weight"], a["model"]["fc.weight"])
+    longer = _demo_cfg(shapes, tmp_path / "straight", oracle[0], *over, "SOLVER.MAX_ITER", "9")
+    with pytest.raises(UserError, match="folded in after 6 iterations .* use a fresh OUTPUT_DIR"):
+        run_linear_eval(longer, cached=True, resume=True)
+
+    # a run without the head BatchNorm, resumed with it, and the other way round
+    plain = _cfg(shapes, tmp_path / "plain", oracle[0], **{"SOLVER.MAX_ITER": 3})
+    run_linear_eval(plain, cached=True)
+    with_bn = _demo_cfg(shapes, tmp_path / "plain", oracle[0], "SOLVER.MAX_ITER", "6")
+    with pytest.raises(UserError, match="trained without the head BatchNorm, but MODEL.HEAD_BN is"):
+        run_linear_eval(with_bn, cached=True, resume=True)
+    cfg.defrost()
+    cfg.MODEL.HEAD_BN = False
+    with pytest.raises(UserError, match="trained with the head BatchNorm, but MODEL.HEAD_BN is F"):
+        run_linear_eval(cfg, cached=True, resume=True)
+    # a checkpoint from before the key (no head_bn in its meta): said so
+    final = load_checkpoint(str(tmp_path / "plain" / "model_final.pth"))
+    del final["meta"]["head_bn"]
+    torch.save(final, tmp_path / "plain" / "model_final.pth")
+    with pytest.raises(UserError, match=r"without the head BatchNorm \(a run from before") as info:
+        run_linear_eval(with_bn, cached=True, resume=True)
+    assert "\n" not in str(info.value)

@@ -6,7 +6,9 @@ per detection run when a pre-training was transferred several times). Values com
 only; a value no file gives is shown as "-". Curves come from the runs' ``metrics.json``
 (detectron2 ``JSONWriter``: one JSON object per line).
 
-Plots: ``ap_bars.png`` (box AP per row), ``pretrain_loss.png`` (pretraining loss),
+Plots: ``ap_vs_top1.png`` (box AP against linear top-1, one labelled point per pre-training with
+its seed sds as error bars, the paper's published points with ``--paper``; first in report.md),
+``ap_bars.png`` (box AP per row), ``pretrain_loss.png`` (pretraining loss),
 ``detection_curves.png`` (detection loss and AP) and ``pretrain_health.png``: per pretraining run
 vs iteration, the training loss, the health metrics (``[metric]health/contrastive_top1``,
 ``alignment``, ``uniformity``, ``emb_std``; pretrain/health.py) and the kNN monitor's

@@ -1,13 +1,17 @@
-"""Draws the report's plots from the runs' metrics.json and the rows: ``ap_bars.png``,
-``pretrain_loss.png``, ``detection_curves.png``, ``pretrain_health.png`` and ``lincls_seeds.png``.
+"""Draws the report's plots from the runs' metrics.json and the rows: ``ap_vs_top1.png``,
+``ap_bars.png``, ``pretrain_loss.png``, ``detection_curves.png``, ``pretrain_health.png`` and
+``lincls_seeds.png``.
 
-Each ``plot_*`` function writes its PNG through ``pretrain.io.save_figure`` (atomic) and returns
-whether it drew anything (nothing is written when no run has the data).
+Each ``plot_*`` function writes its PNG through ``pretrain.io.save_figure`` (atomic), titles
+wrapped to fit their axes, and returns what it drew, false when nothing (nothing is written when no
+run has the data).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +22,16 @@ from transfer.report.seeds import SEED_METRICS
 from transfer.report.tables import format_value
 
 __all__ = [
+    "AP_VS_TOP1_CAPTION",
+    "AP_VS_TOP1_PAPER",
     "HEALTH_CAPTION",
     "HEALTH_PANELS",
+    "PAPER_TOP1",
     "HealthPlot",
+    "ScatterPoint",
+    "ap_vs_top1_points",
     "plot_ap_bars",
+    "plot_ap_vs_top1",
     "plot_detection_curves",
     "plot_pretrain_health",
     "plot_pretrain_losses",
@@ -36,6 +46,35 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _fit_titles(fig: Any) -> None:
+    """Wrap each axes title wider than its axes, and a suptitle wider than the figure, onto more
+    lines (measured on the laid-out figure), so that no title is cut off at the PNG's edge."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [(ax.title, ax.bbox.width) for ax in fig.axes]
+    suptitle = getattr(fig, "_suptitle", None)
+    if suptitle is not None:
+        texts.append((suptitle, fig.bbox.width))
+    for text, room in texts:
+        words = text.get_text()
+        width = text.get_window_extent(renderer).width
+        if words and width > room:
+            chars = max(12, int(len(words) * room / width * 0.95))
+            text.set_text(textwrap.fill(words, chars, break_on_hyphens=False))
+
+
+def _save(fig: Any, path: str, dpi: int) -> None:
+    """:func:`pretrain.io.save_figure` after :func:`_fit_titles` (the figure is closed either
+    way)."""
+    try:
+        _fit_titles(fig)
+    except BaseException:
+        _pyplot().close(fig)
+        raise
+    save_figure(fig, path, dpi=dpi)
 
 
 def _curve(ax: Any, points: list[tuple[int, float]], **kwargs: Any) -> None:
@@ -77,10 +116,144 @@ def plot_ap_bars(rows: list[dict[str, Any]], path: str) -> bool:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("box AP (%)")
-    ax.set_title("Detection transfer: box AP per pre-training (hatched: paper)")
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    ax.set_title("Box AP per pre-training")
+    handles, labels = ax.get_legend_handles_labels()
+    if any(r.get("source") == "paper" for r in rows):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="//"))
+        labels.append("paper (hatched)")
+    ax.legend(handles, labels, fontsize=8)
+    _save(fig, path, dpi=120)
     return True
+
+
+# The linear top-1 the EqCo paper gives for the pre-trainings of its detection table (ImageNet,
+# R50, 200 epochs; docs/methods.md, "SiMo"). It gives none for random init and the supervised
+# backbone, which are left off ap_vs_top1.png.
+PAPER_TOP1 = {"MoCo v2": 67.5, "SiMo": 68.1}
+AP_VS_TOP1_CAPTION = (
+    "ap_vs_top1.png: detection box AP (y) against linear-eval top-1 (x), one point per "
+    "pre-training, labelled. With several pretraining seeds x is their mean and the horizontal "
+    "bar their sd (the seeds table); with several detection seeds y is their mean and the vertical "
+    "bar the sd of AP (the mean row; fine-tuned from the first seed's backbone)."
+)
+AP_VS_TOP1_PAPER = (
+    " Squares: the EqCo paper's ImageNet linear top-1 and COCO box AP of a ResNet-50 (MoCo v2, "
+    "SiMo; it gives no linear top-1 for random init and the supervised backbone), a larger "
+    "scale than runs on the built-in data."
+)
+# label offsets (points) and alignment, in the order points close to each other take them
+_LABEL_PLACES = [(6, 6, "left"), (6, -13, "left"), (-6, 6, "right"), (-6, -13, "right")]
+_MEAN_OF = re.compile(r" \(mean of \d+\)$")
+
+
+@dataclass
+class ScatterPoint:
+    """One point of ``ap_vs_top1.png``: a pre-training's linear top-1 and box AP (%), with their
+    sd over seeds where there are several (else None); ``paper`` for the EqCo paper's rows."""
+
+    name: str
+    top1: float
+    ap: float
+    top1_sd: float | None = None
+    ap_sd: float | None = None
+    paper: bool = False
+
+
+def ap_vs_top1_points(
+    rows: list[dict[str, Any]], seed_means: list[dict[str, Any]] | None = None
+) -> list[ScatterPoint]:
+    """The points of ``ap_vs_top1.png``, from the table's rows (:func:`build_rows`) and the
+    seeds table's mean rows (:func:`transfer.report.seeds.seed_rows`, ``summary`` rows).
+
+    One point per pre-training with a top-1 and an AP: its detection mean row when it was
+    fine-tuned with several detection seeds (AP +- sd), else its one row; x is the mean top-1 of
+    its seeds table row (+- sd) when it was pretrained with several seeds, else the row's top-1.
+    The paper's rows get the linear top-1 of :data:`PAPER_TOP1` (none: left off)."""
+    means = {m["group"]: m for m in seed_means or [] if m.get("summary")}
+
+    def group(r: dict[str, Any]) -> tuple[Any, ...]:
+        # rows of one pre-training share these; its detection mean row stands for all of them
+        return r.get("pretrain_dir"), r.get("lincls_dir"), r.get("top1")
+
+    summarised = {group(r) for r in rows if r.get("summary")}
+    points = []
+    for r in rows:
+        if r.get("source") == "paper":
+            base = str(r["name"]).removesuffix(" [paper]")
+            if base in PAPER_TOP1 and r.get("AP") is not None:
+                points.append(ScatterPoint(str(r["name"]), PAPER_TOP1[base], r["AP"], paper=True))
+            continue
+        if r.get("top1") is None or r.get("AP") is None:
+            continue
+        if not r.get("summary") and group(r) in summarised:
+            continue  # one fine-tune of several: the mean row is plotted
+        name = _MEAN_OF.sub("", str(r["name"])) if r.get("summary") else str(r["name"])
+        point = ScatterPoint(name, r["top1"], r["AP"], ap_sd=r.get("AP_sd"))
+        seeds = means.get(name)
+        if seeds is not None and seeds.get("top1") is not None:
+            point.top1, point.top1_sd = seeds["top1"], seeds.get("top1_sd")
+        points.append(point)
+    return points
+
+
+def plot_ap_vs_top1(
+    rows: list[dict[str, Any]], seed_means: list[dict[str, Any]] | None, path: str
+) -> list[ScatterPoint]:
+    """``ap_vs_top1.png``: box AP against linear top-1 (:func:`ap_vs_top1_points`), this work's
+    pre-trainings as dots with their seed sd as error bars, the paper's as squares, each
+    labelled. Returns the points drawn (empty: nothing written)."""
+    points = ap_vs_top1_points(rows, seed_means)
+    if not points:
+        return []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, p in enumerate(points):
+        style = {"marker": "s", "mfc": "white", "ms": 8} if p.paper else {"marker": "o", "ms": 7}
+        ax.errorbar(
+            p.top1,
+            p.ap,
+            xerr=p.top1_sd,
+            yerr=p.ap_sd,
+            color=f"C{i % 10}",
+            capsize=4,
+            ls="none",
+            **style,
+        )
+    ax.margins(0.15)
+    ax.autoscale_view()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for i, p in enumerate(points):
+        # a label beside each point; points close to earlier ones get theirs below / to the left
+        near = sum(
+            abs(q.top1 - p.top1) < 0.1 * (x1 - x0) and abs(q.ap - p.ap) < 0.06 * (y1 - y0)
+            for q in points[:i]
+        )
+        dx, dy, ha = _LABEL_PLACES[near % len(_LABEL_PLACES)]
+        ax.annotate(
+            p.name,
+            (p.top1, p.ap),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha=ha,
+            fontsize=8,
+        )
+    ax.set_xlabel("linear-eval top-1 (%)")
+    ax.set_ylabel("box AP (%)")
+    ax.set_title("Detection AP vs linear top-1")
+    ax.grid(alpha=0.3)
+    if any(p.paper for p in points) and not all(p.paper for p in points):
+        from matplotlib.lines import Line2D
+
+        ax.legend(
+            [Line2D([], [], marker="o", ls="none", color="0.4"),
+             Line2D([], [], marker="s", ls="none", mfc="white", color="0.4")],
+            ["this work", "EqCo paper (ImageNet / COCO)"],
+            fontsize=8,
+        )  # fmt: skip
+    _save(fig, path, dpi=120)
+    return points
 
 
 # the training loss in a pretraining metrics.json, in order of preference
@@ -114,7 +287,7 @@ def plot_pretrain_losses(runs: list[Run], path: str) -> bool:
     ax.set_ylabel("training loss")
     ax.set_title("Pretraining loss")
     ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    _save(fig, path, dpi=120)
     return True
 
 
@@ -138,7 +311,7 @@ def plot_detection_curves(runs: list[Run], path: str) -> bool:
     for ax in (ax_loss, ax_ap):
         if ax.lines:
             ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    _save(fig, path, dpi=120)
     return True
 
 
@@ -298,7 +471,7 @@ def plot_pretrain_health(runs: list[Run], path: str) -> HealthPlot | None:
     for ax in flat[len(panels):]:
         ax.remove()
     fig.suptitle("Pretraining health")
-    save_figure(fig, path, dpi=110)
+    _save(fig, path, dpi=110)
     return HealthPlot(series, {label: v for lines in dashed.values() for label, v in lines}, notes)
 
 
@@ -327,5 +500,5 @@ def plot_seed_probes(rows: list[dict[str, Any]], path: str) -> bool:
         val = {m.get(size) for m in means}
         ax.set_title(f"{name}, {metric.short} {format_value(size, val.pop())}"
                      if len(val) == 1 else name)
-    save_figure(fig, path, dpi=120)
+    _save(fig, path, dpi=120)
     return True
