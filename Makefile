@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= output/demo
 
-.PHONY: install demo test test-fast test-gpu bench lint clean
+.PHONY: install demo benchmarks test test-fast test-gpu bench lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ test-gpu: install
 
 demo: install
 	bash tools/demo.sh $(DEMO_DIR)
+
+# The transfer benchmarks (VOC07+12 C4, COCO Mask R-CNN C4 / FPN) at CPU size from the demo's SiMo
+# and from random init over 3 seeds, then the report's benchmark table (runs the demo first; its
+# finished stages are reused)
+benchmarks: demo
+	bash tools/benchmarks.sh $(DEMO_DIR)
 
 # CPU-sized defaults; see bench/README.md for what each script measures and the recorded results
 bench: install

@@ -166,7 +166,7 @@ class Context:
             s = self.sizes
             out = self.path("shapes")
             make_shapes(
-                out, num_train=1, num_val=1, size=s.shapes_px, seed=0,
+                out, num_train=1, num_val=1, size=s.shapes_px, seed=0, voc=False,
                 num_train_objects=s.shapes_train, num_val_objects=s.shapes_val,
             )  # fmt: skip
             self._shapes = os.path.join(out, "imagefolder")
@@ -431,7 +431,7 @@ def _throughput_data(ctx: Context, images: int) -> str:
     s = ctx.sizes
     out = ctx.path("throughput_data")
     make_shapes(
-        out, num_train=1, num_val=1, size=s.tp_image_px, seed=1,
+        out, num_train=1, num_val=1, size=s.tp_image_px, seed=1, voc=False,
         num_train_objects=s.tp_distinct, num_val_objects=5,
     )  # fmt: skip
     root = os.path.join(out, "imagefolder")
@@ -533,7 +533,7 @@ def check_det(ctx: Context) -> Dict[str, Any]:
     s = ctx.sizes
     data = ctx.path("det", "")
     make_shapes(os.path.join(data, "shapes"), num_train=s.det_scenes, num_val=1,
-                size=s.det_image_px, seed=0)  # fmt: skip
+                size=s.det_image_px, seed=0, voc=False)  # fmt: skip
     total = s.det_warmup + s.det_iters + 1  # the last iteration, untimed, saves model_final
     opts = {
         "MODEL.WEIGHTS": "", "MODEL.DEVICE": ctx.kind, "SOLVER.AMP.ENABLED": not ctx.cpu,

@@ -5,12 +5,15 @@
         --lincls-dir output/lincls_simo_r50
 
 INPUT may also be a pretraining OUTPUT_DIR (its last checkpoint is used). The output is the pickle
-that MODEL.WEIGHTS takes (docs/formats.md), with the provenance the report shows. --verify loads it
-into detectron2's own ResNet and checks res2..res5 against torchvision's layer1..layer4, under the
-detection config when one is given:
+that MODEL.WEIGHTS takes (docs/formats.md), with the provenance the report shows; the same file
+serves C4 detectors (res2..res4 in the backbone, res5 in the box head) and FPN ones. --verify loads
+it into detectron2's own ResNet and checks res2..res5 against torchvision's layer1..layer4; with a
+detection config, into the detector that config builds, wherever it keeps res5:
 
     python tools/convert.py CKPT.pth OUT.pkl --verify --config-file configs/shapes_fpn_cpu.yaml \\
         MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
+    python tools/convert.py CKPT.pth OUT.pkl --verify \\
+        --config-file configs/voc_R_50_C4_24k_simo.yaml
 """
 
 import argparse

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""Draw the built-in synthetic detection dataset (COCO json + ImageFolder view), e.g.
+r"""Draw the built-in synthetic detection dataset (COCO json with boxes and masks, a Pascal VOC
+copy of the same scenes, and the ImageFolder view), e.g.
 
     python tools/make_shapes.py --out datasets/shapes --num-train 400 --num-val 100 \
         --size 128 --seed 0
@@ -51,6 +52,12 @@ def main(argv=None) -> None:
         help="grey: shapes on flat noisy grey (SSL learns the shapes; default); colour: textured "
         "colour backgrounds and colours (a shortcut for instance discrimination)",
     )
+    p.add_argument(
+        "--no-voc",
+        dest="voc",
+        action="store_false",
+        help="skip the Pascal VOC copy (VOC2007/, VOC2012/) of the scenes",
+    )
     p.add_argument("--force", action="store_true", help="delete and regenerate a non-empty --out")
     args = p.parse_args(argv)
     try:
@@ -64,6 +71,7 @@ def main(argv=None) -> None:
             args.style,
             args.num_train_objects,
             args.num_val_objects,
+            args.voc,
         )
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from e

@@ -6,6 +6,7 @@ import logging
 import torch
 from detectron2.config import CfgNode, get_cfg
 
+import transfer.heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm wherever configs are built)
 from pretrain.config import AMP_PRECISIONS, merge_config
 from pretrain.engine.launch import amp_dtype, no_cuda_reason, resolve_device
 from pretrain.io import UserError
@@ -29,6 +30,10 @@ def add_transfer_config(cfg: CfgNode) -> None:
     # TensorFloat-32 for float32 matmuls and convolutions on Ampere and newer GPUs, as for
     # pretraining (pretrain/config.py); False = full float32
     cfg.TF32 = True
+    # Which transfer benchmark this config is (transfer/benchmark.py: voc, coco_c4_1x, ...,
+    # coco_fpn_4conv1fc_1x), written to results.json as "benchmark": tools/report.py's benchmark
+    # table groups runs by it. Set by the benchmark Bases; "" = none (a plain fine-tune).
+    cfg.BENCHMARK = ""
 
 
 def get_transfer_cfg() -> CfgNode:

@@ -11,7 +11,9 @@ Pipeline of :func:`convert` (docs/methods.md, "Conversion"):
 3. :func:`torchvision_to_detectron2`: rename with the rules of :data:`RENAME_RULES`; refuse when
    a backbone tensor is missing, has the wrong shape, or cannot be placed;
 4. optionally check the pickle numerically before anything is written (transfer/verify.py:
-   detectron2's res2..res5 vs torchvision's layer1..layer4);
+   detectron2's res2..res5 vs torchvision's layer1..layer4; under a detection config, inside the
+   detector it builds: one pickle serves C4 models, res2..res4 in ``backbone`` and res5 in
+   ``roi_heads.res5``, and FPN models, all of it in ``backbone.bottom_up``);
 5. write ``{"model": {name: ndarray}, "__author__", "matching_heuristics": True, "provenance"}``
    through ``pretrain.io.atomic_open`` (docs/formats.md).
 

@@ -14,12 +14,17 @@ evaluation while detection uses the scenes. Two styles:
   pixel, the colour jitter moves grey levels by more than images differ, and the polarity is
   fixed. Self-supervised instance discrimination has to encode the shape, which is what the
   classes are: the style on which contrastive pretraining beats a random-init backbone within CPU
-  minutes (README, "Does the pretraining learn?").
+  minutes (docs/results.md, "Does the pretraining learn?").
 * ``colour``: a textured colour background (gradient, blotches, stripes), shapes of random
   colours, and as ImageFolder view one crop of each scene's largest object. Two crops of one image
   share its background and colours, a shortcut that lets instance discrimination ignore the
   shapes: contrastive features trained on it probe below a random-init network (kept to reproduce
   that measurement).
+
+Each object also has its instance mask, the visible pixels as COCO RLE (``segmentation``), for
+Mask R-CNN; and the scenes are also written as a Pascal VOC copy (:func:`_write_voc`: a "VOC2007"
+with trainval + test and a "VOC2012" with trainval, as the 07+12 protocol), so that every detection
+benchmark runs on them. Neither changes the images or boxes a seed draws.
 
 The layout on disk is described in docs/formats.md. Same arguments -> identical bytes.
 """
@@ -31,6 +36,7 @@ import os
 import shutil
 from collections import Counter
 from typing import Any
+from xml.etree import ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,6 +63,10 @@ DEFORM = 0.12
 # scenes, and in the grey style's single-object classification images
 OBJECT_RADIUS = (0.08, 0.2)
 OBJECT_RADIUS_SINGLE = (0.2, 0.35)
+# The Pascal VOC copy (_write_voc): the first VOC2007_SHARE of the train scenes are "VOC2007"
+# trainval, the others "VOC2012" trainval (the real sets' 5011 and 11540 images), the val scenes
+# "VOC2007" test. Image ids are "<split>_<index>", the COCO split and file name.
+VOC2007_SHARE = 5011 / (5011 + 11540)
 
 
 def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -168,7 +178,8 @@ def _render(
     style: str = "grey",
     single: int | None = None,
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """One image and its objects [{"category_id", "bbox" [x, y, w, h], "area"}]. ``single``:
+    """One image and its objects [{"category_id", "bbox" [x, y, w, h], "area", "segmentation"}]
+    (``segmentation``: the visible pixels as compressed COCO RLE, :func:`_rle`). ``single``:
     exactly one object of this class index, larger (OBJECT_RADIUS_SINGLE), as the object-centric
     classification images."""
     background = _grey_background(rng, size) if style == "grey" else _background(rng, size)
@@ -208,9 +219,20 @@ def _render(
                 "category_id": category_id,
                 "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                 "area": float(v.sum()),
+                "segmentation": _rle(v),
             }
         )
     return img, anns
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean HxW mask as compressed COCO RLE ``{"size": [h, w], "counts": str}`` (what
+    pycocotools' ``mask.encode`` gives, with the counts decoded for JSON): exact, so its area is
+    the pixel count, whatever the occlusion left of the shape."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def _object_crop(img: Image.Image, bbox: list[float]) -> Image.Image:
@@ -225,6 +247,69 @@ def _object_crop(img: Image.Image, bbox: list[float]) -> Image.Image:
     return canvas
 
 
+def voc_split(num_train: int) -> int:
+    """How many of ``num_train`` train scenes (the first ones) are "VOC2007" trainval; the others
+    are "VOC2012" trainval. At least one in each when ``num_train`` >= 2."""
+    return min(num_train - 1, max(1, round(num_train * VOC2007_SHARE)))
+
+
+def _voc_xml(file_id: str, folder: str, size: int, anns: list[dict[str, Any]]) -> bytes:
+    """A Pascal VOC annotation (the fields detectron2's loader and VOC evaluator read). VOC boxes
+    are 1-based inclusive pixel indices: ``xmin = x + 1``, ``xmax = x + w``, which detectron2's
+    ``load_voc_instances`` turns back into the COCO box [x, y, x + w, y + h]. ``truncated``: the
+    visible box touches the image border (the shape may extend beyond it); nothing is difficult."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = folder
+    ET.SubElement(root, "filename").text = file_id + ".jpg"
+    ET.SubElement(ET.SubElement(root, "source"), "database").text = "shapes"
+    size_el = ET.SubElement(root, "size")
+    for key, value in (("width", size), ("height", size), ("depth", 3)):
+        ET.SubElement(size_el, key).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for a in anns:
+        x, y, w, h = (int(v) for v in a["bbox"])
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = CLASSES[a["category_id"] - 1]
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        truncated = x == 0 or y == 0 or x + w == size or y + h == size
+        ET.SubElement(obj, "truncated").text = str(int(truncated))
+        ET.SubElement(obj, "difficult").text = "0"
+        box = ET.SubElement(obj, "bndbox")
+        for key, value in (("xmin", x + 1), ("ymin", y + 1), ("xmax", x + w), ("ymax", y + h)):
+            ET.SubElement(box, key).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8") + b"\n"
+
+
+def _write_voc(
+    out: str, split: str, size: int, scenes: list[tuple[str, list[dict[str, Any]]]]
+) -> None:
+    """The Pascal VOC copy of one split's scenes ``[(file_name, anns)]`` (layout in
+    docs/formats.md): train -> trainval of out/VOC2007 (the first :func:`voc_split`) and
+    out/VOC2012 (the rest), val -> test of out/VOC2007. The JPEGs are byte copies of the COCO
+    split's."""
+    if split == "train":
+        n07 = voc_split(len(scenes))
+        parts = [("VOC2007", "trainval", scenes[:n07]), ("VOC2012", "trainval", scenes[n07:])]
+    else:
+        parts = [("VOC2007", "test", scenes)]
+    for folder, image_set, part in parts:
+        root = os.path.join(out, folder)
+        for sub in ("Annotations", "JPEGImages", os.path.join("ImageSets", "Main")):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+        ids = []
+        for fname, anns in part:
+            file_id = f"{split}_{os.path.splitext(fname)[0]}"
+            ids.append(file_id)
+            shutil.copyfile(
+                os.path.join(out, split, fname), os.path.join(root, "JPEGImages", file_id + ".jpg")
+            )
+            with open(os.path.join(root, "Annotations", file_id + ".xml"), "wb") as f:
+                f.write(_voc_xml(file_id, folder, size, anns))
+        with open(os.path.join(root, "ImageSets", "Main", image_set + ".txt"), "w") as f:
+            f.write("".join(i + "\n" for i in ids))
+
+
 def make_shapes(
     out: str,
     num_train: int = 400,
@@ -235,13 +320,15 @@ def make_shapes(
     style: str = "grey",
     num_train_objects: int | None = None,
     num_val_objects: int | None = None,
+    voc: bool = True,
 ) -> dict[str, Any]:
     """Write the dataset to ``out`` (layout in docs/formats.md) and return a summary.
 
     ``num_train`` / ``num_val`` scenes make the detection splits. The ImageFolder view holds, in
     the grey style, ``num_train_objects`` / ``num_val_objects`` single-object images of their own
     (default: as many as scenes; classes in turn, so balanced), and in the colour style one crop
-    of the largest object of each scene.
+    of the largest object of each scene. The COCO json holds each object's mask; ``voc`` also
+    writes the Pascal VOC copy of the scenes (:func:`_write_voc`).
 
     Every image is drawn from its own RNG stream ``(seed, split, index[, 1])``, so the bytes depend
     only on the arguments. Refuses to write into a non-empty ``out`` unless ``force`` (which
@@ -257,6 +344,11 @@ def make_shapes(
     )
     if num_train < 1 or num_val < 1 or min(num_objects) < 1:
         raise ValueError("--num-train, --num-val and the object counts must be at least 1.")
+    if voc and num_train < 2:
+        raise ValueError(
+            "--num-train must be at least 2 for the VOC copy (its VOC2007 and VOC2012 trainval "
+            "sets); pass --no-voc to write without it."
+        )
     if style != "grey" and num_objects != (num_train, num_val):
         raise ValueError(
             "--num-train-objects / --num-val-objects need --style grey (the colour style crops "
@@ -272,7 +364,7 @@ def make_shapes(
         os.makedirs(os.path.join(out, split))
         for c in CLASSES:
             os.makedirs(os.path.join(out, "imagefolder", split, c))
-        images, annotations = [], []
+        images, annotations, scenes = [], [], []
         per_class: Counter = Counter()
         for i in range(count):
             rng = np.random.default_rng([seed, split_idx, i])
@@ -280,6 +372,7 @@ def make_shapes(
             fname = f"{i:06d}.jpg"
             img.save(os.path.join(out, split, fname), quality=92)
             images.append({"id": i + 1, "file_name": fname, "width": size, "height": size})
+            scenes.append((fname, anns))
             for a in anns:
                 a.update(id=len(annotations) + 1, image_id=i + 1, iscrowd=0)
                 annotations.append(a)
@@ -290,6 +383,8 @@ def make_shapes(
                 _object_crop(img, largest["bbox"]).save(
                     os.path.join(out, "imagefolder", split, label, fname), quality=92
                 )
+        if voc:  # before the ImageFolder view and the json: instances_val.json is the last file
+            _write_voc(out, split, size, scenes)
         if style == "grey":
             # classification view: images of their own with one object, classes in turn
             for i in range(num_objects[split_idx]):
@@ -319,5 +414,10 @@ def make_shapes(
             "objects": len(annotations),
             "imagefolder_images": sum(per_class.values()),
             "imagefolder_classes": dict(sorted(per_class.items())),
+        }
+    if voc:
+        summary["voc"] = {
+            "VOC2007": {"trainval": voc_split(num_train), "test": num_val},
+            "VOC2012": {"trainval": num_train - voc_split(num_train)},
         }
     return summary

@@ -1,4 +1,5 @@
-"""detectron2 training for the transfer stage: safe weights, atomic checkpoints, COCO evaluation."""
+"""detectron2 training for the transfer stage: safe weights, atomic checkpoints, COCO / VOC
+evaluation."""
 from __future__ import annotations
 
 import contextlib
@@ -17,10 +18,12 @@ from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from pretrain.engine import AtomicCheckpointer, DeviceAMPTrainer, RunMixin, create_ddp_model
+from pretrain.engine import with_signal_checkpoint
 from pretrain.engine import write_results as write_results_json
 from pretrain.io import UserError, load_checkpoint, load_weights_pickle
 
@@ -76,9 +79,16 @@ class SafeDetectionCheckpointer(AtomicCheckpointer, DetectionCheckpointer):
     both limits.
     """
 
-    def __init__(self, *args: Any, unsafe: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, unsafe: bool = False, collective_saves: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.unsafe = unsafe
+        # every process calls save (Trainer.build_hooks): they share the writer's outcome
+        self.collective_saves = collective_saves
+
+    def save_is_collective(self) -> bool:
+        return self.collective_saves and comm.get_world_size() > 1
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         if filename.endswith((".pkl", ".pyth")):
@@ -163,8 +173,16 @@ def check_weights(cfg: CfgNode, model: torch.nn.Module, unsafe: bool = False) ->
         shapes = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
     model = model.module if hasattr(model, "module") else model
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    prefix = "backbone.bottom_up."
-    bottom_up = {k[len(prefix) :]: s for k, s in own.items() if k.startswith(prefix)}
+    # this model's ResNet tensors under their bare names (stem.*, res2.*, ...): FPN models hold the
+    # ResNet in backbone.bottom_up; C4 models hold stem..res4 in the backbone and res5 in the box
+    # head (roi_heads.res5), where detectron2's name matching puts a converted res5
+    bottom_up = {}
+    for key, shape in own.items():
+        for prefix in ("backbone.bottom_up.", "backbone.", "roi_heads."):
+            if key.startswith(prefix):
+                if key[len(prefix) :].startswith(("stem.", "res")):
+                    bottom_up.setdefault(key[len(prefix) :], shape)
+                break
     # converted backbones and (renamed) Caffe2 blobs use bare ResNet names (stem.*, res2.*), which
     # only detectron2's name matching (matching_heuristics) finds; full detectors use model names
     heuristics = bool(data.get("matching_heuristics"))
@@ -286,17 +304,34 @@ class Trainer(RunMixin, DefaultTrainer):
                 self.cfg.OUTPUT_DIR,
                 trainer=weakref.proxy(self),
                 unsafe=self.unsafe_weights,
+                collective_saves=True,
             )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        if not comm.is_main_process():
+            # detectron2 checkpoints on the main process only; here every process calls save (only
+            # the main one writes), so that a full disk stops all of them with the same sentence
+            # instead of leaving the others in the next collective
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+            ret.insert(at, hooks.PeriodicCheckpointer(self.checkpointer, period))
+        # on SIGTERM / SIGINT / SIGUSR1: a checkpoint once the step is done, then stop
+        return with_signal_checkpoint(ret, self.checkpointer)
 
     def load_initial_weights(self) -> None:
         """Without a checkpoint to resume: MODEL.WEIGHTS, the model only (as detectron2)."""
         self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
 
     @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> COCOEvaluator:
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
+        """By the dataset's ``evaluator_type`` (its metadata): ``"pascal_voc"`` (detectron2's
+        voc_* builtins, shapes_voc_*) -> ``PascalVOCDetectionEvaluator`` (boxes; the VOC2007
+        11-point AP for a 2007 set); anything else -> ``COCOEvaluator`` on the boxes, and the
+        masks too with MODEL.MASK_ON."""
+        if getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None) == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
         return COCOEvaluator(
             dataset_name,
+            tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"),
             use_fast_impl=cfg.TEST.COCO_FAST_EVAL and fast_coco_eval_available(),
         )
@@ -311,18 +346,42 @@ def fast_coco_eval_available() -> bool:
     return True
 
 
-def bbox_results(results: dict[str, Any]) -> dict[str, float]:
-    """The bbox metrics of the first test dataset from ``Trainer.test``'s (possibly nested)
-    output."""
+def first_dataset_results(results: dict[str, Any]) -> dict[str, Any]:
+    """The results of the first test dataset from ``Trainer.test``'s (possibly nested) output:
+    ``{"bbox": {...}, "segm": {...}}``."""
     if "bbox" not in results and len(results) >= 1:
         results = next(iter(results.values()))
-    bbox = results.get("bbox", {}) if isinstance(results, dict) else {}
+    return results if isinstance(results, dict) else {}
+
+
+def task_results(results: dict[str, Any], task: str = "bbox") -> dict[str, float | None]:
+    """The summary metrics (:data:`BBOX_KEYS`, those present: COCO gives all six, Pascal VOC
+    AP/AP50/AP75) of one task ("bbox", "segm") of the first test dataset; empty when it was not
+    evaluated."""
+    metrics = first_dataset_results(results).get(task) or {}
     # COCOeval reports NaN when there is no prediction at all; JSON has no NaN, so that becomes null
     return {
-        k: (None if math.isnan(float(bbox[k])) else float(bbox[k]))
+        k: (None if math.isnan(float(metrics[k])) else float(metrics[k]))
         for k in BBOX_KEYS
-        if k in bbox
+        if k in metrics
     }
+
+
+def bbox_results(results: dict[str, Any]) -> dict[str, float | None]:
+    """The bbox metrics of the first test dataset from ``Trainer.test``'s (possibly nested)
+    output."""
+    return task_results(results, "bbox")
+
+
+def evaluator_name(cfg: CfgNode) -> str | None:
+    """How the first test dataset was evaluated: "coco", "pascal_voc_2007" (11-point AP) or
+    "pascal_voc_2012" (area under the curve); None without a test dataset."""
+    if not cfg.DATASETS.TEST:
+        return None
+    meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    if getattr(meta, "evaluator_type", None) == "pascal_voc":
+        return f"pascal_voc_{meta.year}"
+    return "coco"
 
 
 def write_results(
@@ -335,9 +394,17 @@ def write_results(
         "weights": cfg.MODEL.WEIGHTS,
         "pretrain": provenance,
         "iteration": iteration,
+        "benchmark": cfg.BENCHMARK or None,
+        "seed": cfg.SEED,
+        "test_dataset": cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None,
+        "evaluator": evaluator_name(cfg),
         "bbox": bbox_results(results),
     }
+    segm = task_results(results, "segm")
+    if segm:
+        record["segm"] = segm
     path = write_results_json(cfg.OUTPUT_DIR, record)
     if comm.is_main_process():
-        logger.info(f"Wrote {path}: " + json.dumps(record["bbox"]))
+        shown = {k: record[k] for k in ("bbox", "segm") if k in record}
+        logger.info(f"Wrote {path}: " + json.dumps(shown))
     return path

@@ -1,14 +1,17 @@
 """Numerical check of converted weights: detectron2's res2..res5 vs torchvision's layer1..4.
 
-Loads a converted .pkl into detectron2's own ResNet through ``DetectionCheckpointer`` (exactly as
-``MODEL.WEIGHTS`` does), runs it and torchvision's ResNet in eval mode on the same normalised image
-and compares the stem and every stage (docs/methods.md, "Conversion"); also the line of
-``tools/convert.py``'s summary that reports the result.
+Loads a converted .pkl through ``DetectionCheckpointer`` (exactly as ``MODEL.WEIGHTS`` does) into
+detectron2's own ResNet or, under a detection config, into the whole detector that config builds,
+wherever its ResNet lives: ``backbone.*`` (C4, with res5 per RoI in ``roi_heads.res5``) or
+``backbone.bottom_up.*`` (FPN). Runs it and torchvision's ResNet in eval mode on the same
+normalised image and compares the stem and every stage, res5 included (docs/methods.md,
+"Conversion"); also the line of ``tools/convert.py``'s summary that reports the result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +58,8 @@ class LoadCheck:
     missing: list[str]  # model tensors with no counterpart in the pickle
     not_loaded: list[str]  # model tensors whose value after loading differs from the pickle
     unexpected: list[str]  # pickle tensors the model has no place for
+    # where the pickle's tensors went: {module path in the model: number of tensors}
+    placed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,10 @@ def _d2_config(arch: ResNetArch, norm: str | None, config: DetectionConfig | Non
         cfg.merge_from_list([x for k, v in settings.items() for x in (k, str(v))])
     if norm or config is None:  # default: the config's NORM, else plain BN
         cfg.MODEL.RESNETS.NORM = norm or "BN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["stem", "res2", "res3", "res4", "res5"]
-    if not cfg.MODEL.FPN.IN_FEATURES:
-        cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    if config is None:  # the detection config's own layout (C4: res5 in the head) stays as it is
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["stem", "res2", "res3", "res4", "res5"]
+        if not cfg.MODEL.FPN.IN_FEATURES:
+            cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     return cfg
 
 
@@ -105,6 +111,68 @@ def _cfg_get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+class _ResNetStages(nn.Module):
+    """The stem and res2..res5 outputs of a detector's ResNet, wherever res5 lives: in the backbone,
+    or (C4) per RoI in ``roi_heads.res5``, run here on the whole res4 map without the extra norm
+    of ``Res5ROIHeadsExtraNorm`` (a new layer, not part of the pre-trained ResNet)."""
+
+    def __init__(self, resnet: nn.Module, res5_head: nn.Module | None) -> None:
+        super().__init__()
+        self.resnet = resnet
+        self.res5_head = res5_head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.resnet.stem(x)
+        out = {"stem": x}
+        for name, stage in zip(self.resnet.stage_names, self.resnet.stages, strict=True):
+            x = stage(x)
+            out[name] = x
+        if self.res5_head is not None:
+            out["res5"] = self.res5_head(out["res4"])
+        return out
+
+
+def _detector_resnet(
+    cfg: Any, arch: ResNetArch, config: DetectionConfig
+) -> tuple[nn.Module, _ResNetStages, dict[str, dict[str, torch.Tensor]]]:
+    """Build the detector ``cfg`` describes (on the CPU) and find its ResNet: returns the detector,
+    its :class:`_ResNetStages` and, per module path, its tensors under the pickle's names
+    (``res4.5.conv3.weight``, ...)."""
+    from detectron2.layers import CNNBlockBase
+    from detectron2.modeling import build_model
+    from detectron2.modeling.backbone import ResNet
+
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    backbone = model.backbone
+    if isinstance(backbone, ResNet):
+        resnet, where = backbone, "backbone"
+    elif isinstance(getattr(backbone, "bottom_up", None), ResNet):
+        resnet, where = backbone.bottom_up, "backbone.bottom_up"
+    else:
+        raise UserError(
+            f"{config}: MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME} builds no detectron2 ResNet "
+            "to load the converted weights into; verify under a ResNet or ResNet-FPN config."
+        )
+    tensors = {where: resnet.state_dict()}
+    head = getattr(model.roi_heads, "res5", None)
+    res5_head = None
+    if "res5" not in resnet.stage_names and head is not None:
+        if arch.depth < 50 and cfg.MODEL.ROI_HEADS.NAME != "Res5ROIHeadsExtraNorm":
+            raise UserError(
+                f"{config}: MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} builds res5 in the box "
+                f"head from bottleneck blocks, which {arch.name()} weights (basic blocks) cannot "
+                "fill; use Res5ROIHeadsExtraNorm (basic blocks for ResNet-18/34), a ResNet-50 or "
+                "deeper, or an FPN config."
+            )
+        blocks = {n: m for n, m in head.named_children() if isinstance(m, CNNBlockBase)}
+        res5_head = nn.Sequential(*blocks.values())
+        tensors["roi_heads.res5"] = {
+            f"res5.{k}": v for k, v in head.state_dict().items() if k.split(".")[0] in blocks
+        }
+    return model, _ResNetStages(resnet, res5_head).eval(), tensors
+
+
 def load_into_detectron2(
     pkl_path: str,
     arch: ResNetArch,
@@ -112,11 +180,15 @@ def load_into_detectron2(
     config: DetectionConfig | None = None,
     fpn: bool = False,
 ) -> tuple[nn.Module, LoadCheck, Any]:
-    """Build detectron2's ResNet (or ResNet-FPN when ``fpn``) and load ``pkl_path`` into it.
+    """Load ``pkl_path`` into detectron2 as ``MODEL.WEIGHTS`` would, and say where each tensor went.
 
-    Loading goes through ``DetectionCheckpointer`` exactly as ``MODEL.WEIGHTS`` would, so its
-    name-matching heuristics are exercised. Every model tensor is filled with NaN (ints: -1) first,
-    so a tensor that was not loaded cannot pass the equality check by chance.
+    Without ``config``: detectron2's ResNet (or ResNet-FPN when ``fpn``) with the built-in transfer
+    settings. With ``config``: the whole detector it builds (``build_model`` on the CPU), so that
+    ``DetectionCheckpointer``'s name matching places the pickle's ``res2..res5`` where that model
+    keeps them: ``backbone.*`` and ``roi_heads.res5.*`` (C4) or ``backbone.bottom_up.*`` (FPN).
+    Every model tensor is filled with NaN (ints: -1) first, so a tensor that was not loaded cannot
+    pass the equality check by chance. Returns a module computing ``{stem, res2..res5}``, the
+    :class:`LoadCheck` and the detectron2 config.
     """
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.layers import ShapeSpec
@@ -124,16 +196,28 @@ def load_into_detectron2(
     from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
     cfg = _d2_config(arch, norm, config)
-    builder = build_resnet_fpn_backbone if fpn else build_resnet_backbone
-    model = builder(cfg, ShapeSpec(channels=3)).eval()
+    if config is not None:
+        model, stages, tensors = _detector_resnet(cfg, arch, config)
+    else:
+        builder = build_resnet_fpn_backbone if fpn else build_resnet_backbone
+        model = stages = builder(cfg, ShapeSpec(channels=3)).eval()
+        resnet = model.bottom_up if fpn else model
+        tensors = {"bottom_up" if fpn else "backbone": resnet.state_dict()}
     with torch.no_grad():
         for t in model.state_dict().values():
             t.fill_(float("nan") if t.is_floating_point() else -1)
-    DetectionCheckpointer(model).load(pkl_path)
+    # fvcore warns about every head tensor the pickle does not hold (all of them: a backbone-only
+    # file); what matters, the ResNet's own tensors, is checked below and reported by the caller
+    checkpoint_logger = logging.getLogger("fvcore.common.checkpoint")
+    level = checkpoint_logger.level
+    checkpoint_logger.setLevel(logging.ERROR)
+    try:
+        DetectionCheckpointer(model).load(pkl_path)
+    finally:
+        checkpoint_logger.setLevel(level)
 
     weights = load_weights_pickle(pkl_path)["model"]
-    prefix = "bottom_up." if fpn else ""
-    state = {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    state = {k: v for part in tensors.values() for k, v in part.items()}
     missing = [k for k in state if k not in weights]
     not_loaded = [
         k
@@ -142,7 +226,9 @@ def load_into_detectron2(
         and not torch.equal(state[k], torch.as_tensor(weights[k]).to(state[k].dtype))
     ]
     unexpected = [k for k in weights if k not in state]
-    return model, LoadCheck(cfg.MODEL.RESNETS.NORM, missing, not_loaded, unexpected), cfg
+    placed = {where: sum(k in weights for k in part) for where, part in tensors.items()}
+    check = LoadCheck(cfg.MODEL.RESNETS.NORM, missing, not_loaded, unexpected, placed)
+    return stages, check, cfg
 
 
 def backbone_output_diffs(
@@ -165,6 +251,8 @@ def backbone_output_diffs(
     arch = infer_resnet_arch(sd)
     if depth is not None and depth != arch.depth:
         raise UserError(f"the state dict is a ResNet-{arch.depth}, not a ResNet-{depth}.")
+    # the input convention first: it is the common mistake, and says so before any model is built
+    _check_pixel_format(_d2_config(arch, norm, config), config)
     d2_model, check, cfg = load_into_detectron2(pkl_path, arch, norm, config)
 
     tv_model = arch.torchvision_model().eval()
@@ -174,7 +262,6 @@ def backbone_output_diffs(
         bad = not_fc[:3] + result.unexpected_keys[:3]
         raise UserError(f"torchvision cannot load the state dict as a {arch.name()}: {bad}.")
 
-    _check_pixel_format(cfg, config)
     # One image, normalised once the torchvision way; the config's normalisation was checked above.
     gen = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (1, 3, image_size, image_size), generator=gen).float() / 255.0
@@ -191,8 +278,9 @@ def backbone_output_diffs(
             tv_out[f"res{i + 1}"] = x
     diffs = {}
     for stage, ref in tv_out.items():
-        out = d2_out[stage]
-        diffs[stage] = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
+        out = d2_out.get(stage)  # a stage the model does not compute at all cannot pass either
+        same_shape = out is not None and out.shape == ref.shape
+        diffs[stage] = float((out - ref).abs().max()) if same_shape else float("inf")
     return diffs, check
 
 
@@ -242,13 +330,15 @@ def verify_report(
     config: DetectionConfig | None = None,
 ) -> dict[str, Any]:
     """:func:`verify_conversion` with what the summary shows: ``stages`` ({stage: max abs diff}),
-    ``max_abs_diff``, the ``norm`` used and the ``settings`` verified under."""
+    ``max_abs_diff``, the ``norm`` used, the ``settings`` verified under and where the tensors
+    were ``placed`` ({module path: count}, e.g. ``backbone`` and ``roi_heads.res5`` for C4)."""
     diffs, check = backbone_output_diffs(pkl_path, torchvision_state_dict, None, norm, config)
     return {
         "stages": diffs,
         "max_abs_diff": _worst_if_equivalent(pkl_path, diffs, check, VERIFY_TOLERANCE),
         "norm": check.norm,
         "settings": str(config or "the built-in transfer settings"),
+        "placed": dict(check.placed),
     }
 
 
@@ -286,8 +376,10 @@ def format_verify(verify: dict[str, Any] | None) -> str:
     if verify is None:
         return "verify: skipped (pass --verify to compare detectron2's outputs with torchvision's)"
     stages = ", ".join(f"{k} {d:.2e}" for k, d in verify["stages"].items())
+    placed = ", ".join(f"{where} {n} tensors" for where, n in verify.get("placed", {}).items())
     return (
         f"verify: max abs diff {verify['max_abs_diff']:.2e} <= {VERIFY_TOLERANCE:g} "
         f"(detectron2 vs torchvision, eval mode, NORM {verify['norm']}, settings of "
         f"{verify['settings']}; {stages}): OK"
+        + (f"\n  loaded as MODEL.WEIGHTS loads them: {placed}" if placed else "")
     )

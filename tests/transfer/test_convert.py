@@ -27,10 +27,10 @@ torch.set_num_threads(2)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _random_resnet(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def _random_resnet(arch: str, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
     """A torchvision ResNet state dict with non-trivial BN statistics and affine parameters."""
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)()
+    model = getattr(torchvision.models, arch)(**kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -476,3 +476,86 @@ def test_cli_one_sentence_no_traceback(tmp_path):
         f"error: {bad}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
         "pass the .pth/.pth.tar written by pretraining, MoCo or torchvision."
     ]
+
+
+# ---------------------------------------------------------------------------------- C4 and FPN
+
+# a ResNet-50 with 16-wide bottlenecks (torchvision's width_per_group; the stage widths stay
+# ResNet-50's): MoCo's C4 and FPN benchmark configs verify it with this one override
+NARROW_R50_OPTS = ["MODEL.RESNETS.WIDTH_PER_GROUP", "16"]
+
+
+@pytest.fixture(scope="module")
+def r50_narrow_file(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
+    sd = _random_resnet("resnet50", seed=5, width_per_group=16)
+    path = str(tmp_path_factory.mktemp("r50n") / "r50_narrow.pth")
+    torch.save(sd, path)
+    return path, sd
+
+
+def test_one_pickle_serves_c4_and_fpn(tmp_path, r50_narrow_file, capsys):
+    """tools/convert.py --verify under the VOC R50-C4 config: res2..res4 land in backbone.*, res5
+    in roi_heads.res5.* (the box head), all equal to torchvision's outputs; the same file fills
+    an FPN model's backbone.bottom_up.*."""
+    import re
+
+    from transfer.verify import DetectionConfig
+
+    src, _ = r50_narrow_file
+    out = str(tmp_path / "w.pkl")
+    c4 = os.path.join(REPO, "configs", "voc_R_50_C4_24k_simo.yaml")
+    _cli_main()([src, out, "--verify", "--config-file", c4, *NARROW_R50_OPTS])
+    printed = capsys.readouterr().out
+    assert re.search(r"settings of \S+voc_R_50_C4_24k_simo.yaml with \S+ 16; stem \S+, res2 \S+, "
+                     r"res3 \S+, res4 \S+, res5 \d\.\d\de[-+]\d\d\): OK", printed)
+    # 53 convs + 53 BNs x 5 tensors; res5 = 3 blocks of 3 convs + 1 shortcut = 10 convs
+    assert "backbone 258 tensors, roi_heads.res5 60 tensors" in printed
+    assert len(_d2_weights(out)) == 318 == 258 + 60
+
+    arch = ResNetArch(50, 1, 16, 64, 256)
+    config = DetectionConfig(c4, tuple(NARROW_R50_OPTS))
+    _, check, cfg = load_into_detectron2(out, arch, config=config)
+    assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN"
+    assert (check.missing, check.not_loaded, check.unexpected) == ([], [], [])
+    assert check.placed == {"backbone": 258, "roi_heads.res5": 60}
+    for name in ("coco_mask_R_50_FPN_1x_simo.yaml", "fpn_simo_1x.yaml"):
+        fpn = DetectionConfig(os.path.join(REPO, "configs", name), tuple(NARROW_R50_OPTS))
+        _, check, _ = load_into_detectron2(out, arch, config=fpn)
+        assert (check.missing, check.not_loaded, check.unexpected) == ([], [], [])
+        assert check.placed == {"backbone.bottom_up": 318}
+
+
+def _r18_state(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_c4_verify_fails_when_a_weight_is_perturbed(tmp_path, r50_narrow_file, r18_file):
+    from transfer.verify import DetectionConfig, backbone_output_diffs
+
+    src, sd = r50_narrow_file
+    out = str(tmp_path / "w.pkl")
+    convert(src, out)
+    c4 = DetectionConfig(
+        os.path.join(REPO, "configs", "coco_mask_R_50_C4_2x_simo.yaml"), tuple(NARROW_R50_OPTS)
+    )
+    assert verify_conversion(out, sd, config=c4) <= 1e-4
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    # a res5 tensor: it lives in the box head (roi_heads.res5) of a C4 model, and is checked there
+    data["model"]["res5.1.conv2.weight"] *= 1.01
+    with open(out, "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(UserError, match=r"differs from torchvision's by .*res5"):
+        verify_conversion(out, sd, config=c4)
+    diffs, check = backbone_output_diffs(out, sd, config=c4)
+    assert max(diffs[k] for k in ("stem", "res2", "res3", "res4")) <= 1e-4 < diffs["res5"]
+    assert check.placed == {"backbone": 258, "roi_heads.res5": 60} and check.not_loaded == []
+    # ResNet-18 weights fill the C4 head too: Res5ROIHeadsExtraNorm builds it of basic blocks
+    r18_c4 = DetectionConfig(c4.file, tuple(R18_OPTS))
+    r18_out = str(tmp_path / "r18.pkl")
+    convert(r18_file, r18_out, verify=True, config_file=r18_c4.file, config_opts=list(r18_c4.opts))
+    diffs, check = backbone_output_diffs(r18_out, _r18_state(r18_file), config=r18_c4)
+    assert max(diffs.values()) <= 1e-4 and set(diffs) >= {"res4", "res5"}
+    # 20 convs + 20 BNs x 5 tensors = 120; res5 = 2 basic blocks (2 convs) + 1 shortcut = 5 convs
+    assert check.placed == {"backbone": 90, "roi_heads.res5": 30} and check.not_loaded == []

@@ -13,6 +13,13 @@ from transfer.config import load_config, resolve_device_and_norm
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DET_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 FPN_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "fpn_*.yaml")))
+# the EqCo paper's detector; MoCo's benchmarks (voc_*, coco_mask_*, their Bases) are checked in
+# test_benchmark_configs.py
+PAPER_CONFIGS = [
+    p for p in DET_CONFIGS
+    if os.path.basename(p) in ("Base-RCNN-FPN-4conv1fc-SyncBN.yaml", "shapes_fpn_cpu.yaml")
+    or os.path.basename(p).startswith("fpn_")
+]
 MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 # (INPUT.FORMAT, PIXEL_MEAN, PIXEL_STD, RESNETS.STRIDE_IN_1X1) that the weights were trained with
 TORCHVISION = ("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], False)
@@ -32,6 +39,12 @@ def test_there_are_detection_configs():
 
 
 @pytest.mark.parametrize("path", DET_CONFIGS, ids=os.path.basename)
+def test_every_config_merges(path):
+    cfg = load_config(path, [])
+    assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=os.path.basename)
 def test_config_merges_with_paper_architecture(path):
     cfg = load_config(path, [])
     m = cfg.MODEL

@@ -498,6 +498,64 @@ def test_cli(runs, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "no results.json" in err[0]
 
 
+def _damage_two_runs(runs):
+    """Two of the runs become unreadable: a results.json cut off mid-write and one of garbage
+    bytes (a bad sector); returns the two files."""
+    cut = runs / "det" / "random" / "results.json"
+    cut.write_text(cut.read_text()[:40])
+    garbage = runs / "pretrain" / "mocov2" / "results.json"
+    garbage.write_bytes(bytes(range(128, 256)) * 4)
+    return cut, garbage
+
+
+def test_unreadable_runs_are_left_out(runs, tmp_path):
+    """One unreadable results.json among many runs: the others are reported, each one left out
+    is named with why in the report's notes; strict: the whole report is refused."""
+    cut, garbage = _damage_two_runs(runs)
+    with open(runs / "det" / "simo_k16" / "metrics.json", "ab") as f:  # and a bad sector here
+        f.write(bytes(range(128, 256)) + b"\n")
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    assert list(_rows(report.markdown)) == ["simo_k16", "random init"]  # lincls still there
+    assert (tmp_path / "r" / "detection_curves.png").is_file()
+    assert report.skipped == [
+        f"{cut}: not readable JSON (Unterminated string starting at: line 1 column 31 (char "
+        "30)); re-run that stage or remove the file.",
+        f"{garbage}: not readable JSON ('utf-8' codec can't decode byte 0x80 in position 0: "
+        "invalid start byte); re-run that stage or remove the file.",
+    ]
+    assert report.skipped == sorted(report.skipped)  # in the order of the folders: stable
+    md = (tmp_path / "r" / "report.md").read_text()
+    for reason in report.skipped:
+        assert f"- left out, unreadable: {reason}\n" in md
+    with pytest.raises(UserError) as e:
+        make_report([str(runs)], str(tmp_path / "strict"), strict=True)
+    assert str(e.value) == report.skipped[0]
+    # run dirs given one by one: the readable one is reported
+    report = make_report([str(cut.parent), str(runs / "det" / "simo_k16")], str(tmp_path / "r2"))
+    assert list(_rows(report.markdown)) == ["simo_k16"] and len(report.skipped) == 1
+    # nothing readable at all: one sentence
+    with pytest.raises(UserError, match=r"none of the runs can be read \(2 skipped; the first: "):
+        make_report([str(cut.parent), str(garbage.parent)], str(tmp_path / "r3"))
+
+
+def test_cli_warns_per_unreadable_run_and_strict_refuses(runs, tmp_path, capsys):
+    cut, garbage = _damage_two_runs(runs)
+    _cli_main()([str(runs), "--out", str(tmp_path / "r")])  # returns: exit status 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert [w.split(": ")[:2] for w in warnings] == [
+        ["warning", "left out a run"],
+        ["warning", "left out a run"],
+    ]
+    assert str(cut) in warnings[0] and str(garbage) in warnings[1]
+    assert captured.out.splitlines()[0] == HEADER and "| simo_k16 |" in captured.out
+    with pytest.raises(SystemExit) as exc:
+        _cli_main()([str(runs), "--out", str(tmp_path / "s"), "--strict"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {cut}: " + warnings[0].split(f"{cut}: ", 1)[1]]
+
+
 def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
     """PRETRAIN_SEEDS="0 1 2" make demo: linear evals of three pretraining seeds (the seed read from
     the config.yaml beside each checkpoint) and of three random inits (their own SEED) give a seeds
@@ -552,3 +610,130 @@ def test_pretraining_seeds_table_plot_and_verdict(runs, tmp_path):
     assert rows["random init"][6:10] == ["40.0", "45.0", "7.0", "1000"]
     assert any("'simo_k16': lincls runs of seeds 0 1 2; the row shows seed 0" in n
                for n in report.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# ap_vs_top1.png: detection AP against linear top-1, and titles that fit
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each plot drew, read from its matplotlib artists just before the PNG is written:
+    ``drawn[png file name]`` = {"titles": [(title, width, room)], "points": [(x, y, xerr, yerr)]}
+    (points: the error-bar containers of the first axes)."""
+    import transfer.report.plots as plots
+
+    fit = plots._fit_titles
+    seen = {}
+
+    def record(fig):
+        fit(fig)
+        renderer = fig.canvas.get_renderer()
+        titles = [(ax.title.get_text(), ax.title.get_window_extent(renderer).width, ax.bbox.width)
+                  for ax in fig.axes if ax.title.get_text()]  # fmt: skip
+        points = []
+        for c in fig.axes[0].containers if fig.axes else []:
+            line, _, bars = c.lines if type(c).__name__ == "ErrorbarContainer" else (None,) * 3
+            if line is None:  # bars with error bars (lincls_seeds.png), not points
+                continue
+            x, y = float(line.get_xdata()[0]), float(line.get_ydata()[0])
+            errs = iter(bars)
+            half = {}
+            for flag, axis in ((c.has_xerr, 0), (c.has_yerr, 1)):
+                if flag:
+                    (lo, hi), = next(errs).get_segments()
+                    half[axis] = (hi[axis] - lo[axis]) / 2
+            points.append((x, y, half.get(0), half.get(1)))
+        seen["next"] = {"titles": titles, "points": points}
+
+    def save(fig, path, dpi):
+        record(fig)
+        seen[os.path.basename(path)] = seen.pop("next")
+        plots.save_figure(fig, path, dpi=dpi)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return seen
+
+
+def test_ap_vs_top1_plots_the_tables_values_first(runs, tmp_path, drawn):
+    out = tmp_path / "r"
+    report = make_report([str(runs)], str(out), paper=True)
+    data = (out / "ap_vs_top1.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (out / "report.md").read_text()
+    images = [line for line in md.splitlines() if line.startswith("![")]
+    assert images[0] == "![ap_vs_top1.png](ap_vs_top1.png)" and images.count(images[0]) == 1
+    assert md.index(images[0]) < md.index(HEADER)
+    assert "Squares: the EqCo paper's ImageNet linear top-1" in md
+    # one point per pre-training with a top-1 and an AP, at the table's values (report.csv);
+    # mocov2_q65536 has neither; the paper's rows at its linear top-1 (MoCo v2 67.5, SiMo 68.1)
+    with open(out / "report.csv", newline="") as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    expected = [(float(table[n]["top-1"]), float(table[n]["AP"]), None, None)
+                for n in ("simo_k16", "random init")]  # fmt: skip
+    expected += [(67.5, 39.1, None, None), (68.1, 39.0, None, None)]
+    assert sorted(drawn["ap_vs_top1.png"]["points"]) == sorted(expected)
+    assert sorted((p.name, p.top1, p.ap, p.paper) for p in report.points) == [
+        ("MoCo v2 [paper]", 67.5, 39.1, True), ("SiMo [paper]", 68.1, 39.0, True),
+        ("random init", 30.04, 25.44, False), ("simo_k16", 68.1, 39.0123, False),
+    ]  # fmt: skip
+    # every title of every plot fits its axes
+    assert {"ap_vs_top1.png", "ap_bars.png", "pretrain_loss.png"} <= set(drawn)
+    for name, plot in drawn.items():
+        for title, width, room in plot["titles"]:
+            assert width <= room, (name, title, width, room)
+    # without --paper: no paper points, no word of them
+    report = make_report([str(runs)], str(tmp_path / "own"))
+    assert [p.name for p in report.points] == ["simo_k16", "random init"]
+    assert "Squares" not in (tmp_path / "own" / "report.md").read_text()
+
+
+def test_ap_vs_top1_error_bars_are_the_seed_sds(runs, tmp_path, drawn):
+    """Three pretraining seeds (top-1 83 +- 3 / 41 +- 1) and three detection seeds (AP 39 +- 2 /
+    25 +- 1): one point per pre-training at the two means, bars of one sd each way."""
+    lin = json.loads((runs / "lincls" / "simo_k16" / "results.json").read_text())
+    rand = json.loads((runs / "lincls" / "random_init" / "results.json").read_text())
+    for rel in ("lincls/simo_k16", "lincls/random_init"):
+        (runs / rel / "results.json").unlink()
+    for seed, (top1, rtop1) in enumerate(((80.0, 40.0), (86.0, 42.0), (83.0, 41.0))):
+        pre = runs / "pretrain" / f"simo_s{seed}"
+        pre.mkdir(parents=True)
+        (pre / "config.yaml").write_text(f"MODEL:\n  METHOD: simo\nSEED: {seed}\n")
+        _run(runs, f"lincls/simo_s{seed}", {**lin, "top1": top1,
+                                              "weights": str(pre / "model_final.pth")})
+        d = _run(runs, f"lincls/random_init_s{seed}", {**rand, "top1": rtop1})
+        (runs / d / "config.yaml").write_text(f"MODEL:\n  ARCH: resnet18\nSEED: {seed}\n")
+    for rel, aps in (("det/simo_k16", (39.0, 37.0, 41.0)), ("det/random", (25.0, 26.0, 24.0))):
+        base = json.loads((runs / rel / "results.json").read_text())
+        for seed, ap in enumerate(aps):
+            d = _run(runs, f"{rel}_s{seed}", {**base, "bbox": {**base["bbox"], "AP": ap}})
+            (runs / d / "config.yaml").write_text(f"MODEL:\n  DEVICE: cpu\nSEED: {seed}\n")
+        (runs / rel / "results.json").unlink()
+    report = make_report([str(runs)], str(tmp_path / "r"))
+    points = drawn["ap_vs_top1.png"]["points"]
+    flat = [v for point in sorted(points) for v in point]
+    assert flat == pytest.approx([41.0, 25.0, 1.0, 1.0, 83.0, 39.0, 3.0, 2.0])
+    # the same numbers as the seeds table's and the detection mean rows
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| simo_k16 (mean of 3) | 0 1 2 | 83.0 +- 3.0 |" in md
+    assert _rows(report.markdown)["simo_k16 (mean of 3)"][12:14] == ["39.0", "2.0"]
+    assert sorted(p.name for p in report.points) == ["random init", "simo_k16"]
+
+
+def test_long_titles_are_wrapped_to_fit():
+    from transfer.report.plots import _fit_titles, _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(5, 3))
+    text = "Detection transfer: box AP per pre-training (hatched: paper rows from the EqCo paper)"
+    axes[0].set_title(text)
+    axes[1].set_title("short")
+    fig.suptitle(text + ", and a suptitle longer than the whole figure is wide")
+    _fit_titles(fig)
+    renderer = fig.canvas.get_renderer()
+    assert axes[0].title.get_text().replace("\n", " ") == text
+    assert axes[0].title.get_text().count("\n") >= 1 and axes[1].title.get_text() == "short"
+    for ax in axes:
+        assert ax.title.get_window_extent(renderer).width <= ax.bbox.width
+    assert fig._suptitle.get_window_extent(renderer).width <= fig.bbox.width
+    plt.close(fig)

@@ -9,6 +9,7 @@ import statistics
 from typing import Any
 
 from transfer.convert import read_provenance
+from transfer.report.benchmarks import in_main_table
 from transfer.report.runs import KINDS, Run, as_count, as_number, pretrain_seed, run_seed
 from transfer.report.seeds import compare_means, lincls_seed
 from transfer.report.tables import BBOX_KEYS, COLUMNS, format_value
@@ -169,7 +170,8 @@ def build_rows(runs: list[Run], paper: bool = False) -> tuple[list[dict[str, Any
         group = [r for r in runs if r.name == name]
         pre = _lowest_seed(group, "pretrain", name, notes)
         lin = _lowest_seed(group, "lincls", name, notes)
-        dets = [r for r in group if r.kind == "detection"] or [None]
+        # the paper's detector only: the other benchmarks have their own table (.benchmarks)
+        dets = [r for r in group if r.kind == "detection" and in_main_table(r)] or [None]
         for det in dets:
             prov = _provenance(det) if det else {}
             # what was actually transferred (the converted weights' provenance) comes first
