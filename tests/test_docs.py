@@ -59,3 +59,28 @@ def test_every_library_module_says_its_job():
                     with open(path) as f:
                         doc = ast.get_docstring(ast.parse(f.read()))
                     assert doc and len(doc.split()) >= 5, os.path.relpath(path, ROOT)
+
+
+def test_readme_opens_with_the_two_commands_and_points_at_what_exists():
+    """The README's first screen: `make demo` and `make test` first, the whole file short
+    (measurements live in docs/results.md); every file it links and config it names exists."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    lines = text.splitlines()
+    assert len(lines) <= 150, len(lines)
+    start = lines.index("```bash")
+    assert start < 10 and not any(line.startswith("```") for line in lines[:start])
+    block = lines[start + 1 : lines.index("```", start + 1)]
+    assert [line.split("#")[0].strip() for line in block] == ["make demo", "make test"]
+    links = re.findall(r"\]\(([^)#:]+)\)", text)
+    assert "docs/results.md" in links
+    missing = [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
+    assert not missing, missing
+    top = os.path.join(ROOT, "configs")
+    configs = {os.path.relpath(os.path.join(d, n), top) for d, _, ns in os.walk(top) for n in ns}
+    named = set(re.findall(r"`((?:pretrain/|lincls/)?[\w.-]+\.yaml)`", text))
+    named |= set(re.findall(r"configs/([\w/.-]+\.yaml)", text))
+    named.discard("config.yaml")  # what every run writes, not a shipped config
+    assert len(named) >= 10
+    found = {n for n in named if n in configs or any(c.endswith("/" + n) for c in configs)}
+    assert named == found, sorted(named - found)
