@@ -22,37 +22,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_ITER = 6  # checkpoints after iterations 1, 3, 5, and model_final
 
 
-def _args(root, out):
-    return [
-        os.path.join(ROOT, "tools", "pretrain.py"),
-        "--config-file", os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml"),
-        "--resume",
-        "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
-        "DATASETS.ROOT", root, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
-        "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_TO_KEEP", "0",
-        "TEST.KNN_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
-        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def run(tiny_pretrain_argv):
+    """``run(root, out)``: tools/pretrain.py --resume for MAX_ITER iterations, a checkpoint every
+    2 (all kept), on the CPU."""
 
+    def run(root, out):
+        args = tiny_pretrain_argv(
+            root, out, "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", 2,
+            "SOLVER.MAX_TO_KEEP", 0, "MODEL.DEVICE", "cpu",
+        )  # fmt: skip
+        return subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+            timeout=600,
+        )
 
-def _run(root, out):
-    return subprocess.run(
-        [sys.executable, *_args(root, out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
-        timeout=600,
-    )
+    return run
 
 
 @pytest.fixture(scope="module")
-def straight(shapes_folder, tmp_path_factory):
+def straight(shapes_folder, run, tmp_path_factory):
     """(data root, OUTPUT_DIR) of an uninterrupted run: model_0000001/3/5.pth, model_final.pth."""
     root = shapes_folder(48, 16, 32)
     out = tmp_path_factory.mktemp("straight")
-    proc = _run(root, out)
+    proc = run(root, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, out
 
@@ -86,7 +83,7 @@ def _same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_truncated_newest_checkpoint(straight, tmp_path):
+def test_truncated_newest_checkpoint(straight, run, tmp_path):
     """Killed after the checkpoint of iteration 3, which a copy then truncated: resume from
     iteration 1's, warn, keep the truncated file as model_0000003.pth.damaged, and finish with
     the uninterrupted run's weights."""
@@ -94,7 +91,7 @@ def test_truncated_newest_checkpoint(straight, tmp_path):
     out = tmp_path / "run"
     _copy(ref, out, ["model_0000001.pth", "model_0000003.pth"], "model_0000003.pth")
     truncated = _truncate(out / "model_0000003.pth")
-    proc = _run(root, out)
+    proc = run(root, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = (out / "log.txt").read_text()
     bad = out / "model_0000003.pth"
@@ -113,14 +110,14 @@ def test_truncated_newest_checkpoint(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_last_checkpoint_names_garbage(straight, tmp_path):
+def test_last_checkpoint_names_garbage(straight, run, tmp_path):
     """last_checkpoint names a model_final.pth of garbage bytes (a bad sector, a bad copy): the
     newest checkpoint that loads is iteration 3's."""
     root, ref = straight
     out = tmp_path / "run"
     _copy(ref, out, ["model_0000001.pth", "model_0000003.pth"], "model_final.pth")
     garbage = _garbage(out / "model_final.pth")
-    proc = _run(root, out)
+    proc = run(root, out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = (out / "log.txt").read_text()
     assert (
@@ -133,7 +130,7 @@ def test_last_checkpoint_names_garbage(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_no_checkpoint_loads(straight, tmp_path):
+def test_no_checkpoint_loads(straight, run, tmp_path):
     """Every checkpoint damaged: one sentence, exit 2, nothing renamed or changed."""
     root, ref = straight
     out = tmp_path / "run"
@@ -143,7 +140,7 @@ def test_no_checkpoint_loads(straight, tmp_path):
         "model_0000003.pth": _garbage(out / "model_0000003.pth"),
         "last_checkpoint": b"model_0000003.pth",
     }
-    proc = _run(root, out)
+    proc = run(root, out)
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

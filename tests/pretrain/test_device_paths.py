@@ -260,15 +260,10 @@ def _env_worker(rank, port, out_dir):
     launch.finish_distributed()
 
 
-def test_local_ranks_under_srun_without_local_world_size(tmp_path):
+def test_local_ranks_under_srun_without_local_world_size(free_port, tmp_path):
     """Before: LOCAL_WORLD_SIZE defaulted to 1, so every process had local rank 0 (GPU 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     mp.start_processes(
-        _env_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork", join=True
+        _env_worker, args=(free_port, str(tmp_path)), nprocs=2, start_method="fork", join=True
     )
     seen = [torch.load(tmp_path / f"rank{r}.pt").tolist() for r in range(2)]
     assert seen == [[0, 0, 2], [1, 1, 2]]

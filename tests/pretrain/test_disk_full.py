@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -78,22 +77,14 @@ _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
 
 
 @pytest.fixture(scope="module")
-def shapes(shapes_folder):
-    return shapes_folder(48, 16, 32)
-
-
-def _args(root, out, *extra):
-    return [
-        os.path.join(ROOT, "tools", "pretrain.py"),
-        "--config-file", os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml"),
-        "--resume", *extra,
-        "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
-        "DATASETS.ROOT", root, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
-        "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_TO_KEEP", "0",
-        "TEST.KNN_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
-        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
+def pretrain_args(shapes_folder, tiny_pretrain_argv):
+    """``pretrain_args(out)``: tools/pretrain.py --resume for 6 iterations, a checkpoint every 2
+    (all kept), on the CPU."""
+    root = shapes_folder(48, 16, 32)
+    return lambda out: tiny_pretrain_argv(
+        root, out, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.MAX_TO_KEEP", 0,
+        "MODEL.DEVICE", "cpu",
+    )  # fmt: skip
 
 
 def _env(tmp_path, out, **extra):
@@ -142,11 +133,11 @@ def _assert_as_before(out, tmp_path):
 
 
 @pytest.mark.slow
-def test_enospc_in_the_second_save(shapes, tmp_path):
+def test_enospc_in_the_second_save(pretrain_args, tmp_path):
     """The second checkpoint's write fails after 1 MB: exit 2, one sentence, nothing lost."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, *_args(shapes, out)],
+        [sys.executable, *pretrain_args(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -163,25 +154,15 @@ def test_enospc_in_the_second_save(shapes, tmp_path):
     _assert_as_before(out, tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_enospc_with_two_processes_stops_both(shapes, tmp_path):
-    """Two gloo processes started as srun / torchrun start them (WORLD_SIZE, RANK, ... in the
-    environment), with no launcher that kills one when the other exits. Only process 0 writes;
-    its failure stops process 1 too, with the same sentence and exit status, instead of leaving
-    it in the next all-reduce."""
-    out = tmp_path / "out"
-    env = _env(tmp_path, out, FULL_AT_SAVE="2", FULL_ROOM=str(10**6))
-    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    env["MASTER_PORT"] = str(_free_port())
+def _two_processes(args, env, port):
+    """Runs ``args`` (after the Python executable) as two gloo processes started as srun /
+    torchrun start them (WORLD_SIZE, RANK, ... in the environment ``env``), with no launcher that
+    kills one when the other exits; (exit status, stderr) of each. A hang fails here."""
+    env = {**env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
     procs = [
         subprocess.Popen(
-            [sys.executable, *_args(shapes, out)],
+            [sys.executable, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -191,15 +172,25 @@ def test_enospc_with_two_processes_stops_both(shapes, tmp_path):
         for rank in range(2)
     ]
     try:
-        stderr = [p.communicate(timeout=300)[1] for p in procs]  # a hang fails here
+        stderr = [p.communicate(timeout=300)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    return [(p.returncode, err) for p, err in zip(procs, stderr)]
+
+
+@pytest.mark.slow
+def test_enospc_with_two_processes_stops_both(pretrain_args, free_port, tmp_path):
+    """Two gloo processes started as srun / torchrun start them. Only process 0 writes; its
+    failure stops process 1 too, with the same sentence and exit status, instead of leaving it in
+    the next all-reduce."""
+    out = tmp_path / "out"
+    env = _env(tmp_path, out, FULL_AT_SAVE="2", FULL_ROOM=str(10**6))
     path = str(out / "model_0000003.pth")
     lines = []
-    for p, err in zip(procs, stderr):
-        assert p.returncode == 2, err[-4000:]
+    for returncode, err in _two_processes(pretrain_args(out), env, free_port):
+        assert returncode == 2, err[-4000:]
         lines.append(err.strip().splitlines()[-1])
         _check_message(lines[-1], path)
         assert "Traceback" not in err, err[-4000:]
@@ -219,7 +210,7 @@ def _can_mount_tmpfs(where) -> bool:
 
 
 @pytest.mark.slow
-def test_real_small_disk(shapes, tmp_path):
+def test_real_small_disk(pretrain_args, tmp_path):
     """A 200 MiB tmpfs (in a user namespace) as OUTPUT_DIR: the first checkpoint (128 MiB) fits,
     the second does not. What the run left is examined inside the namespace (the mount goes
     away with it)."""
@@ -235,7 +226,7 @@ def test_real_small_disk(shapes, tmp_path):
         "print(open(os.path.join(d, 'last_checkpoint')).read()); "
         "print(load_checkpoint(os.path.join(d, 'model_0000001.pth'))['iteration'])"
     )
-    args = " ".join(f"'{a}'" for a in _args(shapes, small))
+    args = " ".join(f"'{a}'" for a in pretrain_args(small))
     script = (
         f"mount -t tmpfs -o size=200m tmpfs '{small}' || exit 99; "
         f"'{sys.executable}' {args} > '{report}/stdout' 2> '{report}/stderr'; "
@@ -315,7 +306,7 @@ def test_errno_lost_by_torch_and_unwritable_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_enospc_in_a_two_process_detection_run_stops_both(tmp_path):
+def test_enospc_in_a_two_process_detection_run_stops_both(free_port, tmp_path):
     """The same for tools/train_det.py, where detectron2 checkpoints on process 0 only: every
     process calls save (transfer.trainer.Trainer.build_hooks), so process 1 stops with process 0's
     sentence rather than dying in (gloo) or waiting on (NCCL) the next collective."""
@@ -324,10 +315,8 @@ def test_enospc_in_a_two_process_detection_run_stops_both(tmp_path):
     datasets = tmp_path / "datasets"
     make_shapes(str(datasets / "shapes"), num_train=8, num_val=2, size=64, seed=0, voc=False)
     out = tmp_path / "det"
-    env = _env(tmp_path, out, FULL_AT_SAVE="1", FULL_ROOM=str(10**5))
-    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+    env = _env(tmp_path, out, FULL_AT_SAVE="1", FULL_ROOM=str(10**5),
                DETECTRON2_DATASETS=str(datasets))  # fmt: skip
-    env["MASTER_PORT"] = str(_free_port())
     args = [
         os.path.join(ROOT, "tools", "train_det.py"),
         "--config-file", os.path.join(ROOT, "configs", "shapes_fpn_cpu.yaml"),
@@ -337,26 +326,9 @@ def test_enospc_in_a_two_process_detection_run_stops_both(tmp_path):
         "64", "DATALOADER.NUM_WORKERS", "0", "TEST.PRECISE_BN.ENABLED", "False",
         "OUTPUT_DIR", str(out),
     ]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-        )
-        for rank in range(2)
-    ]
-    try:
-        stderr = [p.communicate(timeout=300)[1] for p in procs]  # a hang fails here
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     lines = []
-    for p, err in zip(procs, stderr):
-        assert p.returncode == 2, err[-4000:]
+    for returncode, err in _two_processes(args, env, free_port):
+        assert returncode == 2, err[-4000:]
         lines.append(err.strip().splitlines()[-1])
         _check_message(lines[-1], str(out / "model_0000001.pth"))
     assert lines[0] == lines[1]

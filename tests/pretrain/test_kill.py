@@ -37,22 +37,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def shapes(shapes_folder):
-    return shapes_folder(48, 16, 32)
-
-
-def _args(root, out):
-    return [
-        os.path.join(ROOT, "tools", "pretrain.py"),
-        "--config-file", os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml"),
-        "--resume",
-        "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
-        "DATASETS.ROOT", root, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
-        "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.MAX_TO_KEEP", "2",
-        "TEST.KNN_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1",
-        "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
+def cli_args(shapes_folder, tiny_pretrain_argv):
+    """``cli_args(out)``: tools/pretrain.py --resume for MAX_ITER iterations, a checkpoint after
+    each, the newest 2 kept."""
+    root = shapes_folder(48, 16, 32)
+    return lambda out: tiny_pretrain_argv(
+        root, out, "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", 1,
+        "SOLVER.MAX_TO_KEEP", 2,
+    )  # fmt: skip
 
 
 def _env(**extra):
@@ -88,12 +80,12 @@ def _iterations_logged(out):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_and_inside_a_save_then_resume(shapes, tmp_path):
-    _run_to_end(_args(shapes, tmp_path / "straight"))
+def test_sigkill_at_random_moments_and_inside_a_save_then_resume(cli_args, tmp_path):
+    _run_to_end(cli_args(tmp_path / "straight"))
     straight = load_checkpoint(str(tmp_path / "straight" / "model_final.pth"))
 
     out = tmp_path / "killed"
-    args = _args(shapes, out)
+    args = cli_args(out)
     # 1) killed inside the 3rd save (the checkpoint after iteration 3), half a file on disk
     proc = subprocess.run(
         [sys.executable, "-c", _DIE_IN_SAVE, *args],

@@ -50,19 +50,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _cli_args(root, out, max_iter):
-    return [
-        os.path.join(ROOT, "tools", "pretrain.py"),
-        "--config-file", os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml"),
-        "--resume",
-        "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
-        "DATASETS.ROOT", root, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
-        "SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.KNN_PERIOD", "0",
-        "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
-
-
 def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
@@ -104,23 +91,29 @@ def _release():
 
 # ------------------------------------------------------------------------------ real processes
 @pytest.fixture(scope="module")
-def cli_runs(shapes_folder, tmp_path_factory):
+def cli_runs(shapes_folder, tiny_pretrain_argv, tmp_path_factory):
     """Run A (paused after iteration 1, holding the lock), run B into A's OUTPUT_DIR meanwhile,
     then A to its end; and, at the same time, run C into an OUTPUT_DIR with the lock of a dead
-    process of this host."""
+    process of this host. No periodic checkpoint."""
     root = shapes_folder(48, 16, 32)
+
+    def cli_args(out, max_iter):
+        return tiny_pretrain_argv(
+            root, out, "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", 1000
+        )
+
     tmp = tmp_path_factory.mktemp("lock_cli")
     out_a, out_c = tmp / "a", tmp / "c"
     ready, go = tmp / "ready", tmp / "go"
     dead = _dead_pid()
     _write_lock(out_c, pid=dead, proc_start=12345)
     a = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_CLI, *_cli_args(root, out_a, 4)],
+        [sys.executable, "-c", _PAUSED_CLI, *cli_args(out_a, 4)],
         cwd=ROOT, env=_env(READY=str(ready), GO=str(go)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     c = subprocess.Popen(
-        [sys.executable, *_cli_args(root, out_c, 2)],
+        [sys.executable, *cli_args(out_c, 2)],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
@@ -131,7 +124,7 @@ def cli_runs(shapes_folder, tmp_path_factory):
     lock_doc = _holder(out_a)
     before = {f: (out_a / f).read_bytes() for f in os.listdir(out_a)}
     b = subprocess.run(
-        [sys.executable, *_cli_args(root, out_a, 4)],
+        [sys.executable, *cli_args(out_a, 4)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     after_b = {f: (out_a / f).read_bytes() for f in os.listdir(out_a)}

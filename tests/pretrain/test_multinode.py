@@ -5,12 +5,10 @@ process instead of a hang."""
 
 import json
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.config import CfgNode
 from detectron2.engine import hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -138,33 +136,26 @@ def _worker(rank, scenario, outs, init_file, result_dir):
     dist.destroy_process_group()
 
 
-def _two_processes(tmp_path, scenario, outs):
-    """Run ``scenario`` on two gloo processes; their results, or a failure after TIMEOUT_S."""
-    result_dir = tmp_path / f"results_{scenario}"
-    result_dir.mkdir()
-    # fork: the test module is not importable by name under --import-mode=importlib
-    ctx = mp.start_processes(
-        _worker,
-        args=(scenario, outs, str(tmp_path / f"init_{scenario}"), str(result_dir)),
-        nprocs=2,
-        start_method="fork",
-        join=False,
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{scenario}: the processes still run after {TIMEOUT_S} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [json.loads((result_dir / f"{r}.json").read_text()) for r in range(2)]
+@pytest.fixture
+def two_processes(tmp_path, run_forked):
+    """``two_processes(scenario, outs)`` runs ``scenario`` on two gloo processes: their results,
+    or a failure after TIMEOUT_S."""
+
+    def run(scenario, outs):
+        result_dir = tmp_path / f"results_{scenario}"
+        result_dir.mkdir()
+        run_forked(
+            _worker, (scenario, outs, str(tmp_path / f"init_{scenario}"), str(result_dir)), 2,
+            timeout_s=TIMEOUT_S, what=scenario,
+        )  # fmt: skip
+        return [json.loads((result_dir / f"{r}.json").read_text()) for r in range(2)]
+
+    return run
 
 
-def test_only_rank_0_deletes_old_checkpoints(tmp_path):
+def test_only_rank_0_deletes_old_checkpoints(two_processes, tmp_path):
     out = str(tmp_path / "run")
-    r0, r1 = _two_processes(tmp_path, "retention", [out, out])
+    r0, r1 = two_processes("retention", [out, out])
     assert (r0["max_to_keep"], r1["max_to_keep"]) == (1, None)
     assert r0["removed"] == ["model_0000000.pth", "model_0000001.pth", "model_0000002.pth"]
     assert r1["removed"] == []  # the other process never touches the shared folder
@@ -175,17 +166,17 @@ def test_only_rank_0_deletes_old_checkpoints(tmp_path):
     assert ckpt["iteration"] == 3 and len(ckpt["rng"]["per_rank"]) == 2
 
 
-def test_resume_is_decided_by_rank_0(tmp_path):
+def test_resume_is_decided_by_rank_0(two_processes, tmp_path):
     out = str(tmp_path / "run")
-    r0, r1 = _two_processes(tmp_path, "resume", [out, out])
+    r0, r1 = two_processes("resume", [out, out])
     assert r0["start_iter"] == r1["start_iter"] == 2
     assert r0["weights"] == r1["weights"]  # both continued from the same state, in step
     assert load_checkpoint(os.path.join(out, "model_final.pth"))["iteration"] == 3
 
 
-def test_node_local_output_dirs_are_one_error_on_every_rank(tmp_path):
+def test_node_local_output_dirs_are_one_error_on_every_rank(two_processes, tmp_path):
     outs = [str(tmp_path / "node0" / "run"), str(tmp_path / "node1" / "run")]
-    r0, r1 = _two_processes(tmp_path, "node_local", outs)
+    r0, r1 = two_processes("node_local", outs)
     assert r0 == r1 and "error" in r0
     msg = r0["error"]
     assert msg.startswith(f"OUTPUT_DIR {outs[0]} is not shared by all processes: process(es) 1 ")

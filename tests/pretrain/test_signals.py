@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.config import CfgNode
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
@@ -60,19 +59,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _cli_args(root, out):
-    return [
-        os.path.join(ROOT, "tools", "pretrain.py"),
-        "--config-file", os.path.join(ROOT, "configs", "pretrain", "simo_shapes_cpu.yaml"),
-        "--resume",
-        "MODEL.DIM", "16", "MODEL.MLP_HIDDEN", "32", "INPUT.SIZE", "16",
-        "DATASETS.ROOT", root, "SOLVER.IMS_PER_BATCH", "8", "LOSS.NUM_NEGATIVES", "4",
-        "SOLVER.MAX_ITER", str(CLI_ITERS), "SOLVER.WARMUP_EPOCHS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.KNN_PERIOD", "0",
-        "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "OUTPUT_DIR", str(out),
-    ]  # fmt: skip
-
-
 def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
@@ -86,19 +72,26 @@ def _wait_for(path, proc):
 
 
 @pytest.fixture(scope="module")
-def cli_runs(shapes_folder, tmp_path_factory):
+def cli_runs(shapes_folder, tiny_pretrain_argv, tmp_path_factory):
     """An uninterrupted run, and a run sent SIGTERM during iteration PAUSE_AT (and a second one
-    inside its checkpoint save), then resumed to the end; both started at once."""
+    inside its checkpoint save), then resumed to the end; both started at once. CLI_ITERS
+    iterations, no periodic checkpoint."""
     root = shapes_folder(48, 16, 32)
+
+    def cli_args(out):
+        return tiny_pretrain_argv(
+            root, out, "SOLVER.MAX_ITER", CLI_ITERS, "SOLVER.CHECKPOINT_PERIOD", 1000
+        )
+
     tmp = tmp_path_factory.mktemp("signals_cli")
     straight = subprocess.Popen(
-        [sys.executable, *_cli_args(root, tmp / "straight")],
+        [sys.executable, *cli_args(tmp / "straight")],
         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     out = tmp / "stopped"
     ready, go = tmp / "ready", tmp / "go"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_CLI, *_cli_args(root, out)],
+        [sys.executable, "-c", _PAUSED_CLI, *cli_args(out)],
         cwd=ROOT,
         env=_env(PAUSE_AT=str(PAUSE_AT), READY=str(ready), GO=str(go)),
         stdout=subprocess.PIPE,
@@ -117,7 +110,7 @@ def cli_runs(shapes_folder, tmp_path_factory):
         "checkpoint": load_checkpoint(str(out / f"model_{PAUSE_AT:07d}.pth")),
     }
     resumed = subprocess.run(
-        [sys.executable, *_cli_args(root, out)],
+        [sys.executable, *cli_args(out)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -270,49 +263,47 @@ def _worker(rank, world, out, init_file, result_dir, pause, pause_at, previous_h
         dist.destroy_process_group()
 
 
-def _launch(tmp, tag, world, out, signum=None, to_rank=0, pause_at=PAUSE_AT, previous=False):
-    """Run _TinyRun on ``world`` processes into ``out``; with ``signum``, every process pauses
-    before batch ``pause_at`` and only process ``to_rank`` is sent ``signum`` there."""
-    result_dir = tmp / f"results_{tag}"
-    result_dir.mkdir()
-    pause = str(result_dir) if signum else ""
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, str(out), str(tmp / f"init_{tag}"), str(result_dir), pause, pause_at,
-              previous),
-        nprocs=world,
-        start_method="fork",  # the test module is not importable by name (importlib mode)
-        join=False,
-    )  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        if signum:
+@pytest.fixture
+def launch(tmp_path, run_forked):
+    """``launch(tag, world, out, signum=None, to_rank=0, pause_at=PAUSE_AT, previous=False)``
+    runs _TinyRun on ``world`` processes into ``out`` and returns their results; with ``signum``,
+    every process pauses before batch ``pause_at`` and only process ``to_rank`` is sent
+    ``signum`` there."""
+
+    def launch(tag, world, out, signum=None, to_rank=0, pause_at=PAUSE_AT, previous=False):
+        result_dir = tmp_path / f"results_{tag}"
+        result_dir.mkdir()
+        pause = str(result_dir) if signum else ""
+
+        def send_signal(deadline):
             ready = [result_dir / f"ready.{r}" for r in range(world)]
             while not all(p.exists() for p in ready):
                 assert time.monotonic() < deadline, "the processes never reached the pause"
                 time.sleep(0.02)
             os.kill(int((result_dir / f"pid.{to_rank}").read_text()), signum)
             (result_dir / "go").touch()
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{tag}: the processes still run after {TIMEOUT_S} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [json.loads((result_dir / f"{r}.json").read_text()) for r in range(world)]
+
+        run_forked(
+            _worker,
+            (world, str(out), str(tmp_path / f"init_{tag}"), str(result_dir), pause, pause_at,
+             previous),
+            world, timeout_s=TIMEOUT_S, what=tag, meanwhile=send_signal if signum else None,
+        )  # fmt: skip
+        return [json.loads((result_dir / f"{r}.json").read_text()) for r in range(world)]
+
+    return launch
 
 
 def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_two_processes_stop_together_when_one_gets_the_signal(tmp_path):
+def test_two_processes_stop_together_when_one_gets_the_signal(launch, tmp_path):
     straight = tmp_path / "straight"
-    _launch(tmp_path, "straight", 2, straight)
+    launch("straight", 2, straight)
     out = tmp_path / "run"
     # only process 1 (not the one that writes) receives SIGUSR1, while fetching batch PAUSE_AT
-    r0, r1 = _launch(tmp_path, "stop", 2, out, signal.SIGUSR1, to_rank=1)
+    r0, r1 = launch("stop", 2, out, signal.SIGUSR1, to_rank=1)
     assert r0["stopped"] == r1["stopped"] == 128 + signal.SIGUSR1
     assert r0["iteration"] == r1["iteration"] == PAUSE_AT
     assert r0["message"] == r1["message"] == (
@@ -326,7 +317,7 @@ def test_two_processes_stop_together_when_one_gets_the_signal(tmp_path):
     ckpt = load_checkpoint(str(out / f"model_{PAUSE_AT:07d}.pth"))
     assert ckpt["iteration"] == PAUSE_AT and len(ckpt["rng"]["per_rank"]) == 2
     # the resume continues at the next step on both processes, to the uninterrupted weights
-    r0, r1 = _launch(tmp_path, "resume", 2, out)
+    r0, r1 = launch("resume", 2, out)
     assert r0["start_iter"] == r1["start_iter"] == PAUSE_AT + 1
     assert r0["stopped"] is None and r1["stopped"] is None
     final, reference = _weights(out / "model_final.pth"), _weights(straight / "model_final.pth")
@@ -334,17 +325,17 @@ def test_two_processes_stop_together_when_one_gets_the_signal(tmp_path):
         assert torch.equal(v, final[k]), k
 
 
-def test_sigint_exits_130_and_the_handlers_are_restored(tmp_path):
-    (r,) = _launch(tmp_path, "sigint", 1, tmp_path / "run", signal.SIGINT)
+def test_sigint_exits_130_and_the_handlers_are_restored(launch, tmp_path):
+    (r,) = launch("sigint", 1, tmp_path / "run", signal.SIGINT)
     assert r["stopped"] == 130 and r["iteration"] == PAUSE_AT and r["chained"] is None
     assert r["sigterm_handler_restored"]
     assert (tmp_path / "run" / "last_checkpoint").read_text() == f"model_{PAUSE_AT:07d}.pth"
 
 
-def test_submitit_handler_runs_after_the_checkpoint(tmp_path):
+def test_submitit_handler_runs_after_the_checkpoint(launch, tmp_path):
     """A Python handler already installed for SIGUSR2 (submitit's requeue: it exits) is called
     once the checkpoint is on disk; what it raised is kept for after the process group ends."""
-    (r,) = _launch(tmp_path, "usr2", 1, tmp_path / "run", signal.SIGUSR2, previous=True)
+    (r,) = launch("usr2", 1, tmp_path / "run", signal.SIGUSR2, previous=True)
     assert r["stopped"] == 128 + signal.SIGUSR2 and r["iteration"] == PAUSE_AT
     assert r["previous_called_after_save"] == [True]
     assert r["chained"] == "SystemExit(-1)"

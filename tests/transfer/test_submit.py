@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -48,12 +47,6 @@ def _tiny(root, out, max_iter, checkpoint_period):
         }.items()
         for x in kv
     ]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_checkpoint_requeues_the_same_job_with_resume(tmp_path):
@@ -143,9 +136,9 @@ def test_slurm_dry_run_writes_one_task_per_gpu(shapes_folder, tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_local_two_process_pretraining(shapes_folder, tmp_path, capsys, monkeypatch):
+def test_local_two_process_pretraining(shapes_folder, free_port, tmp_path, capsys, monkeypatch):
     """submitit's local executor, 2 CPU tasks: the process group comes from JobEnvironment."""
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = shapes_folder(48, 16, 32)
     out = tmp_path / "run"
@@ -231,11 +224,11 @@ def cli(argv):
 
 @pytest.mark.slow
 def test_local_job_initialises_the_group_for_a_tool_without_launch_from_args(
-    tmp_path, monkeypatch
+    free_port, tmp_path, monkeypatch
 ):
     import submitit
 
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port))
     tools = tmp_path / "tools"
     tools.mkdir()
     (tools / "train_det.py").write_text(FAKE_TOOL)

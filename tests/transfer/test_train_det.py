@@ -6,13 +6,11 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from transfer.config import load_config
 from transfer.shapes import make_shapes
@@ -265,29 +263,25 @@ def _det_worker(rank, world, datasets, out, init_file, result_file):
         dist.destroy_process_group()
 
 
-def _run_det(datasets, tmp_path, world, timeout=600):
-    name = f"world{world}"
-    result_file = str(tmp_path / f"{name}.json")
-    args = (world, datasets, str(tmp_path / name), str(tmp_path / f"init_{name}"), result_file)
-    # fork: the test module is not importable by name under --import-mode=importlib
-    ctx = mp.start_processes(_det_worker, args=args, nprocs=world, start_method="fork",
-                             join=False)  # fmt: skip
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            assert time.monotonic() < deadline, f"{world} process(es) still running (a hang)"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    with open(result_file) as f:
-        return json.load(f)
+@pytest.fixture
+def run_det(datasets, tmp_path, run_forked):
+    """``run_det(world)``: _det_worker's results on ``world`` processes."""
+
+    def run(world, timeout=600):
+        name = f"world{world}"
+        result_file = str(tmp_path / f"{name}.json")
+        args = (world, datasets, str(tmp_path / name), str(tmp_path / f"init_{name}"), result_file)
+        run_forked(_det_worker, args, world, timeout_s=timeout, what=f"{world} process(es)")
+        with open(result_file) as f:
+            return json.load(f)
+
+    return run
 
 
 @pytest.mark.slow
-def test_two_processes_with_syncbn_equal_one_process(datasets, tmp_path):
-    one = _run_det(datasets, tmp_path, world=1)
-    two = _run_det(datasets, tmp_path, world=2)
+def test_two_processes_with_syncbn_equal_one_process(run_det):
+    one = run_det(world=1)
+    two = run_det(world=2)
     assert "NaiveSyncBatchNorm" in two["norms"] and "NaiveSyncBatchNorm" not in one["norms"]
     # detectron2's TrainingSampler: one shuffled index stream (same seed on every process),
     # process r takes every second index from r on, so the step's batches are items {0, 2} and
