@@ -30,7 +30,7 @@ FAST = [
 R18 = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]  # the demo's backbone
 # config, backbone, overrides, evaluator, test dataset, masks
 BENCHMARKS = {
-    # the demo's ResNet-18: Res5ROIHeadsExtraNorm builds its res5 of basic blocks (transfer/heads.py)
+    # the demo's ResNet-18: Res5ROIHeadsExtraNorm builds res5 of basic blocks (transfer/heads.py)
     "voc_C4": ("voc_C4_shapes_cpu.yaml", "resnet18", R18, "pascal_voc_2007",
                "shapes_voc_2007_test", False),
     "coco_mask_C4": ("coco_mask_C4_shapes_cpu.yaml", "resnet50", [], "coco", "shapes_val", True),
@@ -168,7 +168,8 @@ def test_benchmark_suite_skips_finished_runs_and_reports_mean_sd(datasets, weigh
     cells = [f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}" for v in zip(*aps)]
     assert lines[2] == "| simo_resnet18 | 61.2 | 55.5 | " + " | ".join(cells) + " |"
     assert lines[3] == "| supervised IN [paper] | - | - | 81.3 | 53.5 | 58.8 |"
-    assert "VOC = VOC07+12 R50-C4 (detection SEEDs: simo_resnet18: 0 1)" in report.benchmarks_markdown
+    seeds_line = "VOC = VOC07+12 R50-C4 (detection SEEDs: simo_resnet18: 0 1)"
+    assert seeds_line in report.benchmarks_markdown
     # the main table's AP column is the paper's detector only: no VOC number in it
     assert [r.get("AP") for r in report.rows if r["name"] == "simo_resnet18"] == [None]
     assert os.path.isfile(os.path.join(str(tmp_path / "report"), "benchmarks.png"))
