@@ -97,7 +97,9 @@ def benchmark_table(
     if not any(benchmark_of(r) != MAIN_BENCHMARK for r in bench_runs):
         return None
     keys = [k for k in BENCHMARKS if any(benchmark_of(r) == k for r in bench_runs)]
-    names = list(dict.fromkeys(r.name for r in bench_runs))
+    # the main table's order (``top1`` follows it), then any pre-training only seen here
+    seen = set(r.name for r in bench_runs)
+    names = [n for n in top1 if n in seen] + sorted(seen - set(top1))
     columns = [(k, title) for k in keys for title, _, _ in _metrics(k)]
     cells: dict[str, dict[tuple[str, str], Any]] = {}
     notes: list[str] = []
@@ -179,11 +181,15 @@ def plot_benchmarks(table: BenchmarkTable, path: str) -> bool:
     if not columns:
         return False
     plt = _pyplot()
+    ncols = min(5, len(columns))
+    nrows = -(-len(columns) // ncols)
     fig, axes = plt.subplots(
-        1, len(columns), figsize=(2.4 * len(columns) + 1, 3.6), squeeze=False
+        nrows, ncols, figsize=(2.4 * ncols + 1.6, 3.0 * nrows + 0.4), squeeze=False
     )
+    for ax in axes.flat[len(columns) :]:
+        ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, column in zip(axes[0], columns):
+    for ax, column in zip(axes.flat, columns):
         for i, name in enumerate(table.names):
             cell = table.cells[name].get(column)
             if not cell or cell[0] is None:
@@ -195,12 +201,14 @@ def plot_benchmarks(table: BenchmarkTable, path: str) -> bool:
         ax.set_title(f"{_short(column[0])} {column[1]}", fontsize=9)
         ax.set_xticks([])
     handles, labels = [], []
-    for ax in axes[0]:
+    for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    axes[0][ncols - 1].legend(
+        handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8
+    )
     fig.suptitle("Transfer benchmarks (mean ± sd over detection seeds)", fontsize=10)
     _save(fig, path, dpi=110)
     return True
