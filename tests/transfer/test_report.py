@@ -737,3 +737,42 @@ def test_long_titles_are_wrapped_to_fit():
         assert ax.title.get_window_extent(renderer).width <= ax.bbox.width
     assert fig._suptitle.get_window_extent(renderer).width <= fig.bbox.width
     plt.close(fig)
+
+
+def test_benchmark_table_mean_sd_order_and_main_table(tmp_path):
+    """Runs of tools/benchmark.py (results.json with "benchmark" and "seed") go to the benchmark
+    table as mean +- sample sd per pre-training and metric, in the main table's row order, with
+    a note where a run lacks a value; the main table's AP stays the paper detector's."""
+    lin = {"kind": "lincls", "top1": 80.0, "knn_top1": 70.0}
+    _run(tmp_path, "lin_simo", {**lin, "name": "simo"})
+    _run(tmp_path, "lin_rand", {**lin, "name": "random init", "top1": 40.0, "knn_top1": 45.0})
+    det = {"kind": "detection", "iteration": 9}
+    _run(tmp_path, "det_simo", {**det, "name": "simo", "benchmark": "coco_fpn_4conv1fc_1x",
+                                "seed": 0, "bbox": {"AP": 7.5}})  # fmt: skip
+    voc = {"simo": [(20.0, 5.0, 1.0), (24.0, 7.0, 2.0)], "random init": [(10.0, 3.0, 0.5)]}
+    for name, values in voc.items():
+        for seed, (ap50, ap, ap75) in enumerate(values):
+            _run(tmp_path, f"b_{name}/voc/seed{seed}", {
+                **det, "name": name, "benchmark": "voc", "seed": seed, "evaluator":
+                "pascal_voc_2007", "bbox": {"AP50": ap50, "AP": ap, "AP75": ap75}})  # fmt: skip
+    _run(tmp_path, "b_simo/coco_c4_1x/seed0", {**det, "name": "simo", "benchmark": "coco_c4_1x",
+                                               "seed": 0, "bbox": {"AP": 3.0}})  # fmt: skip
+
+    report = make_report([str(tmp_path)], str(tmp_path / "report"), paper=False)
+    lines = report.benchmarks_markdown.splitlines()
+    assert lines[0] == (
+        "| pre-training | top-1 | kNN | VOC AP50 | VOC AP | VOC AP75 | C4 1x box AP "
+        "| C4 1x mask AP | 4conv1fc box AP |"
+    )
+    # sample sd of (20, 24) = 2.83, of (5, 7) = 1.41, of (1, 2) = 0.71
+    # rows in the main table's order
+    assert [r["name"] for r in report.rows] == ["random init", "simo"]
+    assert lines[2] == "| random init | 40.0 | 45.0 | 10.0 | 3.0 | 0.5 | - | - | - |"
+    assert lines[3] == "| simo | 80.0 | 70.0 | 22.0 ± 2.8 | 6.0 ± 1.4 | 1.5 ± 0.7 | 3.0 | - | 7.5 |"
+    assert "VOC = VOC07+12 R50-C4 (detection SEEDs: random init: 0; simo: 0 1)" in lines[-1]
+    assert any("'simo' coco_c4_1x mask AP: 1 of 1 runs give no value" in n for n in report.notes)
+    # the main table: the paper's detector only (7.5), no VOC or C4 number
+    assert [(r["name"], r["AP"]) for r in report.rows] == [("random init", None), ("simo", 7.5)]
+    assert os.path.isfile(tmp_path / "report" / "benchmarks.png")
+    with open(tmp_path / "report" / "report.md") as f:
+        assert "## Transfer benchmarks" in f.read()
