@@ -59,8 +59,9 @@ def main(argv=None) -> None:
         size=args.size, num_gpus=args.num_gpus, opts=args.opts,
     )  # fmt: skip
     outcome = run_suite(runs, submit=args.submit, keep_going=args.keep_going, dry_run=args.dry_run)
+    ran = "submitted" if args.submit else "ran"
     print(
-        f"{len(runs)} runs in {out}: {len(outcome['ran'])} ran, {len(outcome['skipped'])} "
+        f"{len(runs)} runs in {out}: {len(outcome['ran'])} {ran}, {len(outcome['skipped'])} "
         f"finished before, {len(outcome['failed'])} failed"
         + ("" if args.dry_run else f"; table: python tools/report.py {out} ...")
     )
