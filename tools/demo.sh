@@ -54,7 +54,7 @@ else
   echo "  and 2000 train / 1000 val single-shape images (ImageFolder, for pretraining and lincls)"
 fi
 
-stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, 8-15 min per seed depending on the host's load; seeds: $PRETRAIN_SEEDS)"
+stage "2/7 SiMo + EqCo pretraining ($ARCH, K=16, alpha=256, 1364 iterations, 5-18 min per seed depending on the CPU; seeds: $PRETRAIN_SEEDS)"
 for seed in $PRETRAIN_SEEDS; do
   s=$(sfx "$seed")
   quiet "pretrain_simo$s" \
