@@ -262,7 +262,8 @@ class Pretrainer(TrainingRun):
         final_loss = None
         if self.start_iter >= self.max_iter:
             logger.info("Already trained for %d iterations; nothing to do.", self.max_iter)
-            last = self.checkpointer.last_checkpoint_of_main_process()
+            # the checkpoint just resumed from (deciding again would read the file again)
+            last = self.resumed_from
             if last is not None and os.path.basename(last) != "model_final.pth":
                 # killed between the last periodic save and the final one (the hook writes both
                 # after the last step): the resumed state is the final state, write it

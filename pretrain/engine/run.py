@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
@@ -65,6 +65,8 @@ class RunMixin:
     cfg: Any
     checkpointer: Any
     start_iter: int
+    # the checkpoint :meth:`resume_or_load` restored (None: the run started from iteration 0)
+    resumed_from: Optional[str] = None
 
     def resume_or_load(self, resume: bool = True) -> "RunMixin":
         """With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, restore everything the
@@ -81,6 +83,7 @@ class RunMixin:
         path, extra = found
         # the checkpoint stores the iteration that just finished
         self.start_iter = int(extra["iteration"]) + 1
+        self.resumed_from = path
         self.after_resume(path)
         logger.info(self.resumed_message())
         return self
