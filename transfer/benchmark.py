@@ -156,19 +156,20 @@ def plan_runs(
         raise UserError(f"--weights {weights}: no such file; give the output of tools/convert.py.")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated.")
+    common: List[str] = []
+    if weights is not None:
+        common += ["MODEL.WEIGHTS", weights]
+    elif pretraining == "random_init":
+        common += ["MODEL.WEIGHTS", ""]
+    common += list(opts)
     runs = []
     for bench in suite:
         config = config_path(bench, size, pretraining)
+        bench_opts = common + (_schedule_opts(bench, config, common) if size == "shapes" else [])
         for seed in seeds:
             output_dir = os.path.join(out, bench.key, f"seed{seed}")
-            run_opts: List[str] = []
-            if weights is not None:
-                run_opts += ["MODEL.WEIGHTS", weights]
-            elif pretraining == "random_init":
-                run_opts += ["MODEL.WEIGHTS", ""]
-            run_opts += list(opts)
-            run_opts += _schedule_opts(bench, config, run_opts) if size == "shapes" else []
-            run_opts += ["SEED", str(seed), "BENCHMARK", bench.key, "OUTPUT_DIR", output_dir]
+            run_opts = bench_opts + ["SEED", str(seed), "BENCHMARK", bench.key, "OUTPUT_DIR",
+                                     output_dir]  # fmt: skip
             args = ["--config-file", config, "--num-gpus", str(num_gpus), "--resume", *run_opts]
             runs.append(BenchmarkRun(bench, seed, output_dir, args))
     return runs
